@@ -1,0 +1,119 @@
+"""Preference sets of a run, and the evaluate stage: scenario tables, HV, uniformity.
+
+Pure table-in/table-out code around the ``evaluation`` package (which holds the formulas).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+import evaluation
+from evaluation import preferences as prefs_lib
+
+SCENARIOS = ("equal", "priority", "one_hot")
+
+
+def resolve_tasks3(tasks: list[str], tasks3) -> list[str]:
+    if tasks3 is None:
+        if len(tasks) < 3:
+            raise ValueError(f"the @3 subspace needs at least 3 tasks; this suite has {tasks}")
+        return list(tasks[:3])
+    tasks3 = list(tasks3)
+    unknown = [t for t in tasks3 if t not in tasks]
+    if len(tasks3) != 3 or unknown or len(set(tasks3)) != 3:
+        raise ValueError(f"tasks3 must name 3 distinct tasks of {tasks}; got {tasks3}")
+    return tasks3
+
+
+def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.ndarray]:
+    """Named (P, T) preference arrays for the sets listed in ``cfg.sets``."""
+    T = len(tasks)
+    known = {"equal", "priority", "one_hot", "pairwise", "simplex3", "grid"}
+    unknown = [s for s in cfg.sets if s not in known]
+    if unknown:
+        raise ValueError(f"unknown preference set(s) {unknown}; choose from {sorted(known)}")
+    out: dict[str, np.ndarray] = {}
+    for name in cfg.sets:
+        if name == "equal":
+            out["equal"] = prefs_lib.equal(T)
+        elif name == "priority":
+            if not 0 <= cfg.priority_main <= 1:
+                raise ValueError(f"preferences.priority_main must be in [0, 1], got {cfg.priority_main}")
+            out["priority"] = prefs_lib.priority(T, main=cfg.priority_main)
+        elif name == "one_hot":
+            out["one_hot"] = prefs_lib.one_hot(T)
+        elif name == "pairwise":
+            pairs = cfg.pairs or list(itertools.combinations(tasks, 2))
+            for a, b in pairs:
+                if a not in tasks or b not in tasks:
+                    raise ValueError(f"preferences.pairs: unknown task in ({a}, {b}); tasks are {tasks}")
+                out[f"pairwise:{a}|{b}"] = prefs_lib.pairwise(T, tasks.index(a), tasks.index(b), steps=cfg.pairwise_steps)
+        elif name == "simplex3":
+            grid3 = prefs_lib.simplex_grid(3, step=cfg.simplex_step)
+            full = np.zeros((len(grid3), T))
+            full[:, [tasks.index(t) for t in tasks3]] = grid3
+            out["simplex3"] = full
+        elif name == "grid":
+            if cfg.grid == "lattice":
+                out["grid"] = prefs_lib.simplex_grid(T, h=cfg.grid_h)
+            elif cfg.grid == "dirichlet":
+                out["grid"] = prefs_lib.dirichlet(T, cfg.dirichlet_n, seed=cfg.dirichlet_seed)
+            else:
+                raise ValueError(f"preferences.grid must be 'lattice' or 'dirichlet', got {cfg.grid!r}")
+    for name, p in out.items():
+        prefs_lib.validate_preferences(p, T)
+    return out
+
+
+def preferences_frame(sets: dict[str, np.ndarray], tasks: list[str]) -> pd.DataFrame:
+    frames = []
+    for name, p in sets.items():
+        df = pd.DataFrame(p, columns=tasks)
+        df.insert(0, "pref_id", np.arange(len(p)))
+        df.insert(0, "pref_set", name)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def scenario_table(results: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
+    """Per method and scenario, the accuracy of each task under its scenario preference.
+
+    equal: every task at p = 1/T; priority / one_hot: task t at the preference that
+    favours t (row t of the set). Adds an ``average`` row per (method, scenario).
+    """
+    rows = []
+    for (method, scenario), df in results[results.pref_set.isin(SCENARIOS)].groupby(["method", "pref_set"], sort=False):
+        for t_i, task in enumerate(tasks):
+            pid = 0 if scenario == "equal" else t_i
+            r = df[(df.pref_id == pid) & (df.task == task)].iloc[0]
+            rows.append((method, scenario, task, r.accuracy, r.normalized_accuracy))
+    tab = pd.DataFrame(rows, columns=["method", "scenario", "task", "accuracy", "normalized_accuracy"])
+    avg = tab.groupby(["method", "scenario"], sort=False)[["accuracy", "normalized_accuracy"]].mean().reset_index()
+    avg.insert(2, "task", "average")
+    return pd.concat([tab, avg], ignore_index=True)
+
+
+def front_metrics(results: pd.DataFrame, sets: dict[str, np.ndarray], tasks: list[str], tasks3: list[str], hv_cfg=None) -> pd.DataFrame:
+    """HV (x100), uniformity and preference alignment at @3 (simplex3) and @all (grid)."""
+    rows = []
+    hv_kw = dict(hv_cfg or {})
+    for method, df in results.groupby("method", sort=False):
+        for subset, set_name, cols in (("@3", "simplex3", tasks3), ("@all", "grid", tasks)):
+            if set_name not in sets:
+                continue
+            sub = df[df.pref_set == set_name]
+            if sub.empty:
+                continue
+            pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[cols].to_numpy()
+            p = sets[set_name][:, [tasks.index(c) for c in cols]]
+            keep = p.sum(1) > 0
+            hv = evaluation.hypervolume(pts, **hv_kw)
+            rows += [
+                (method, subset, "hypervolume", 100 * float(hv.value), hv.method, len(pts)),
+                (method, subset, "uniformity", float(evaluation.uniformity(p[keep], pts[keep])), "PHN-style (method.md 5a)", int(keep.sum())),
+                (method, subset, "preference_alignment", float(evaluation.preference_alignment(p[keep], pts[keep])), "mean Pearson(p, norm. acc) (method.md 5b)", int(keep.sum())),
+            ]
+    return pd.DataFrame(rows, columns=["method", "subset", "metric", "value", "how", "n_points"])

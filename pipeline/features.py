@@ -1,0 +1,76 @@
+"""Batched image-embedding extraction from the preprocessed uint8 cache.
+
+Images are read from memory-mapped uint8 arrays (decoded and resized once per suite), moved
+to the device as uint8 (4x less traffic than float), normalised there, and encoded under
+bf16 autocast on CUDA. On CPU the loop runs in fp32. The result is float32 (N, D).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .suite import normalize_images
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but no CUDA device is visible; use device=cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def extract_features(
+    visual: torch.nn.Module,
+    images: np.ndarray,
+    mean,
+    std,
+    *,
+    indices: np.ndarray | None = None,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    autocast: bool = True,
+    progress: bool = False,
+    desc: str = "features",
+) -> torch.Tensor:
+    """Embeddings (N, D) float32 on CPU of ``images[indices]`` through ``visual``."""
+    device = torch.device(device)
+    visual = visual.to(device).eval()
+    idx = np.arange(images.shape[0]) if indices is None else np.asarray(indices)
+    out: list[torch.Tensor] = []
+    use_amp = autocast and device.type == "cuda"
+    pin = device.type == "cuda"
+    for start in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
+        sel = idx[start : start + batch_size]
+        batch = torch.from_numpy(np.ascontiguousarray(images[sel]))
+        if pin:
+            batch = batch.pin_memory()
+        x = normalize_images(batch.to(device, non_blocking=True), mean, std)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            z = visual(x)
+        out.append(z.float().cpu())
+    if not out:
+        raise ValueError(f"{desc}: no images to encode (empty index set)")
+    feats = torch.cat(out)
+    if not torch.isfinite(feats).all():
+        bad = int((~torch.isfinite(feats)).any(dim=1).sum())
+        raise FloatingPointError(
+            f"{desc}: {bad} of {len(feats)} embeddings are not finite (NaN/inf); the model "
+            "weights are probably broken (check the merge / checkpoint)"
+        )
+    return feats
+
+
+def logits(features: torch.Tensor, head: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """CLIP head: logit_scale * cosine(features, head rows). Works batched over leading dims."""
+    z = torch.nn.functional.normalize(features, dim=-1)
+    return logit_scale * z @ head.to(z.dtype).T
+
+
+def accuracy_from_features(features, head, labels, logit_scale=100.0) -> torch.Tensor:
+    """Top-1 accuracy; features (..., N, D) -> (...)."""
+    pred = logits(features, head, logit_scale).argmax(-1)
+    return (pred == labels.to(pred.device)).double().mean(-1)

@@ -1,0 +1,304 @@
+"""Hydra entry point: ``python -m pipeline.main [overrides]``.
+
+    prepare -> merge -> features -> fit -> sweep -> evaluate -> report
+
+The task function lives in this package module (not a script) so Hydra's joblib and
+submitit launchers can import it in their workers; ``pipeline/__init__`` installs the
+torchvision guard first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import compat  # noqa: F401
+from .cache import Cache, atomic_write_text
+from .evaluate import front_metrics, preference_sets, preferences_frame, resolve_tasks3, scenario_table
+from .features import resolve_device
+from .merge import load_merged, run_merge, validate_merge_config
+from .methods import build_method, model_accuracies
+from .report import build_summary, markdown_report, write_summary, write_table
+from .stages import Context, ModelRef, calibration_count, calibration_indices, calibration_split, long_results
+from .suites import build_suite
+from .tracking import Tracker
+
+log = logging.getLogger("react")
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Every check that needs no data, before any heavy stage; messages say what to change."""
+    resolve_device(cfg.device)
+    validate_merge_config(cfg.merge)
+    tasks = list(cfg.suite.tasks)
+    if len(set(tasks)) != len(tasks) or len(tasks) < 2:
+        raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
+    resolve_tasks3(tasks, cfg.tasks3)
+    calibration_split(cfg.calibration.source)
+    if isinstance(cfg.calibration.size, float):
+        calibration_count(cfg.calibration.size, 10**9)
+    elif not isinstance(cfg.calibration.size, int) or cfg.calibration.size < 1:
+        calibration_count(cfg.calibration.size, 10**9)
+    c = cfg.correction
+    if c.beta < 0:
+        raise ValueError(f"correction.beta must be >= 0 (or .inf), got {c.beta}")
+    if c.aggregation not in ("closed_form", "naive", "polar"):
+        raise ValueError(f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}")
+    if c.reduction not in ("mean", "sum"):
+        raise ValueError(f"correction.reduction must be mean or sum, got {c.reduction!r}")
+    for name in list(cfg.methods) + list(cfg.fixed_methods):
+        build_method(name, method_cfg(cfg, name))
+    preference_sets(cfg.preferences, tasks, resolve_tasks3(tasks, cfg.tasks3))
+    from .suites import BUILDERS
+
+    if cfg.suite.name not in BUILDERS:
+        raise ValueError(f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}")
+    import importlib
+
+    builder = importlib.import_module(BUILDERS[cfg.suite.name])
+    if hasattr(builder, "validate"):
+        builder.validate(cfg.suite, cfg.backbone)
+
+
+def method_cfg(cfg: DictConfig, name: str):
+    if name == "react":
+        return cfg.correction
+    return cfg.baselines.get(name)
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    """Run the whole pipeline for ``cfg``; returns the summary dict."""
+    validate_config(cfg)
+    run_dir = Path(run_dir or cfg.paths.output_dir) 
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir") from e
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    cache = Cache(cfg.paths.cache_dir)
+    cache.sweep_tmp()
+    device = resolve_device(cfg.device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = Tracker(cfg.logger, run_dir, config, group=cfg.experiment_name,
+                      name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}")
+    try:
+        summary = _run(cfg, cache, device, run_dir, tracker)
+    finally:
+        tracker.finish()
+    if tracker.message:
+        log.info(tracker.message)
+    return summary
+
+
+def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    # ---- prepare
+    suite = build_suite(cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg), cache, progress=cfg.progress)
+    timings["prepare"] = time.perf_counter() - t
+    ctx = Context(cfg, cache, suite, device, progress=cfg.progress, timings=timings)
+    tasks, tasks3 = suite.tasks, resolve_tasks3(suite.tasks, cfg.tasks3)
+    sets = preference_sets(cfg.preferences, tasks, tasks3)
+    ctx.calibration = calibration_indices(suite, cfg.calibration)
+    # ---- merge
+    with ctx.timed("merge"):
+        merge_unit = run_merge(cfg.merge, suite, cache, device, progress=cfg.progress)
+        merged_state = load_merged(merge_unit)
+        ctx.merged = ModelRef(f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state)
+    # ---- features of the fixed models (pretrained, merged, experts) on the test splits
+    with ctx.timed("features"):
+        heads = suite.heads()
+        reference = _reference(ctx, heads)
+    expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
+    # ---- fit + sweep, per method
+    frames, cost_rows = [], []
+    for name in list(cfg.methods):
+        method = build_method(name, method_cfg(cfg, name))
+        with ctx.timed("fit"):
+            method.fit(ctx)
+        with ctx.timed("sweep"):
+            for set_name, p in sets.items():
+                frames.append(_sweep(ctx, method, set_name, p, expert_acc))
+        cost_rows.append({"method": name, **method.cost, "device": str(device)})
+    for name in list(cfg.fixed_methods):
+        method = build_method(name, method_cfg(cfg, name))
+        with ctx.timed("fit"):
+            method.fit(ctx)
+        with ctx.timed("sweep"):
+            for set_name in [s for s in sets if s in ("equal", "priority", "one_hot")]:
+                frames.append(_sweep(ctx, method, set_name, sets[set_name], expert_acc))
+        cost_rows.append({"method": name, **method.cost, "device": str(device)})
+    # ---- evaluate
+    t = time.perf_counter()
+    results = pd.concat(frames, ignore_index=True)
+    prefs_df = preferences_frame(sets, tasks)
+    scenarios = scenario_table(results, tasks) if {"equal", "priority", "one_hot"} & set(sets) else pd.DataFrame()
+    fronts = front_metrics(results[results.method.isin(list(cfg.methods))], sets, tasks, tasks3)
+    timings["evaluate"] = time.perf_counter() - t
+    # ---- report
+    t = time.perf_counter()
+    for name, df in (("results", results), ("preferences", prefs_df), ("reference", reference),
+                     ("scenarios", scenarios), ("fronts", fronts)):
+        write_table(df, run_dir, name)
+    cost = pd.DataFrame(cost_rows)
+    write_table(cost, run_dir, "cost")
+    overlap = cfg.calibration.source == "test"
+    meta = {
+        "suite": suite.name,
+        "suite_key": suite.key,
+        "backbone": cfg.backbone.get("name", cfg.backbone.get("model_name")),
+        "tasks": tasks,
+        "tasks3": tasks3,
+        "seed": int(cfg.seed),
+        "merge": OmegaConf.to_container(cfg.merge, resolve=True),
+        "correction": OmegaConf.to_container(cfg.correction, resolve=True),
+        "methods": list(cfg.methods) + list(cfg.fixed_methods),
+        "calibration": {
+            "source": cfg.calibration.source,
+            "split": calibration_split(cfg.calibration.source),
+            "size": cfg.calibration.size,
+            "seed": int(cfg.calibration.seed),
+            "counts": {k: int(len(v)) for k, v in ctx.calibration.items()},
+            "overlaps_evaluation": overlap,
+            "note": (
+                "unlabeled images from each task's test split (the paper's transductive protocol); "
+                "they are among the evaluated test images" if overlap else
+                "held-out validation images (never used to train the experts); disjoint from the evaluated test images"
+            ) + f"; {', '.join(f'{k}: {len(v)}' for k, v in ctx.calibration.items())} per task",
+        },
+        "preference_sets": {k: int(len(v)) for k, v in sets.items()},
+    }
+    summary = build_summary(meta, reference, scenarios, fronts)
+    write_summary(run_dir, summary)
+    plots = _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, run_dir / "plots")
+    command = "python -m pipeline.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    timings["report"] = time.perf_counter() - t
+    atomic_write_text(run_dir / "report.md", markdown_report(summary, scenarios, fronts, reference, cost, command))
+    atomic_write_text(run_dir / "timings.json", json.dumps({"stages": timings, "cache_events": cache.events}, indent=1))
+    # ---- W&B
+    tracker.summary(_flat_metrics(summary))
+    tracker.log({f"time/{k}": v for k, v in timings.items()})
+    for name, df in (("scenarios", scenarios), ("fronts", fronts), ("reference", reference), ("cost", cost)):
+        tracker.table(name, df)
+    for p in plots:
+        if p.suffix == ".png":
+            tracker.image(f"plots/{p.stem}", p)
+    log.info("results in %s", run_dir)
+    return summary
+
+
+def _sweep(ctx: Context, method, set_name: str, p: np.ndarray, expert_acc: dict) -> pd.DataFrame:
+    """Accuracies of one method over one preference set: a cache unit (results.parquet)."""
+    material = {
+        "method": method.material(),
+        "merged": ctx.merged.key,
+        "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
+        "calibration_source": ctx.cfg.calibration.source,
+        "preferences": np.round(p, 12).tolist(),
+        "set": set_name,
+    }
+
+    def compute(out: Path):
+        acc = method.accuracies(ctx, p)
+        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(out / "results.parquet", index=False)
+
+    unit = ctx.cache.unit("sweep", material, compute)
+    return pd.read_parquet(unit.file("results.parquet"))
+
+
+def _reference(ctx: Context, heads) -> pd.DataFrame:
+    rows = []
+    for label, ref in (("pretrained", ctx.pretrained_ref()), (f"merged ({ctx.cfg.merge.name})", ctx.merged)):
+        accs = model_accuracies(ctx, ref, heads)
+        rows += [(label, t, float(a)) for t, a in zip(ctx.tasks, accs, strict=True)]
+    for t in ctx.tasks:
+        from .features import accuracy_from_features
+
+        z = ctx.features(ctx.expert_ref(t), t, "test")
+        rows.append(("expert", t, float(accuracy_from_features(z, heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale))))
+    df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
+    expert = dict(zip(df[df.label == "expert"].task, df[df.label == "expert"].accuracy, strict=True))
+    df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
+    return df
+
+
+def _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, out_dir: Path) -> list[Path]:
+    from evaluation import plots
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    if any(s.startswith("pairwise:") for s in sets):
+        written += plots.plot_pairwise_fronts(results, prefs_df, reference, tasks, out_dir)
+    if "simplex3" in sets:
+        for method in results.method.unique():
+            if (results[(results.method == method)].pref_set == "simplex3").any():
+                written += plots.plot_simplex_maps(results, prefs_df, tasks3, out_dir, method=method)
+    if not scenarios.empty:
+        avg = scenarios[scenarios.task == "average"].rename(columns={"accuracy": "average_accuracy"})
+        written += plots.plot_scenario_bars(avg, out_dir)
+    return [Path(p) for p in written]
+
+
+def _flat_metrics(summary: dict) -> dict:
+    flat = {}
+    for method, sc in summary["scenarios"].items():
+        for scenario, d in sc.items():
+            flat[f"{method}/{scenario}/average_accuracy"] = d["average"]
+    for method, fr in summary["fronts"].items():
+        for subset, d in fr.items():
+            for metric, v in d.items():
+                flat[f"{method}/{metric}{subset}"] = v
+    for label, d in summary["reference"].items():
+        flat[f"reference/{label}/average_accuracy"] = d["average"]
+    return flat
+
+
+def _with_backbone(cfg):
+    node = OmegaConf.merge(cfg.suite, {"backbone": cfg.backbone})
+    return node
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+
+    logging.basicConfig(level=logging.INFO)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = run(cfg, run_dir)
+    _print_summary(summary, run_dir)
+    return summary
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    print(f"\nReACT pipeline finished: {run_dir}")
+    for label, d in summary["reference"].items():
+        print(f"  {label:<28s} avg acc {100 * d['average']:.1f}%")
+    for method, sc in summary["scenarios"].items():
+        for scenario, d in sc.items():
+            print(f"  {method + ' (' + scenario + ')':<28s} avg acc {100 * d['average']:.1f}%")
+    for method, fr in summary["fronts"].items():
+        for subset, d in fr.items():
+            print(f"  {method} {subset}: " + ", ".join(f"{k} {v:.2f}" for k, v in d.items()))
+    print(f"  report: {run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The ``merge`` config group: dispatch a merge config to the pure functions in ``merging``.
+
+Each merge result is one cache unit holding ``merged.safetensors`` (the image tower's state
+dict) and, for learned merges, what was learned (AdaMerging coefficients), so a second run
+with the same config skips the training.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+import merging
+
+from .cache import Cache, Unit
+from .suite import Suite, normalize_images, save_state
+
+CODE_VERSION = 1  # bump when a merge implementation changes its numbers
+MERGES = ("task_arithmetic", "ties", "weight_average", "adamerging", "adamerging_pp", "lot")
+
+
+class IndexedImages:
+    """uint8 images of one split, indexable by a LongTensor of indices (memory-mapped)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if isinstance(idx, torch.Tensor):
+            idx = idx.cpu().numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.images[np.asarray(idx)]))
+
+
+def validate_merge_config(cfg) -> None:
+    if cfg.name not in MERGES:
+        raise ValueError(f"unknown merge {cfg.name!r}; choose merge= one of {list(MERGES)}")
+    if "scale" in cfg and not cfg.scale > 0:
+        raise ValueError(f"merge.scale must be > 0, got {cfg.scale}")
+    if "density" in cfg and not 0 < cfg.density <= 1:
+        raise ValueError(f"merge.density must be in (0, 1], got {cfg.density}")
+
+
+def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
+    """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
+    validate_merge_config(cfg)
+    material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
+    if cfg.name in ("adamerging", "adamerging_pp", "lot"):
+        material["device_type"] = device.type  # learned merges are not bit-equal across devices
+
+    def compute(out: Path):
+        t0 = time.perf_counter()
+        pre, experts = suite.pretrained_state(), suite.expert_states()
+        extra = {}
+        if cfg.name == "task_arithmetic":
+            merged = merging.task_arithmetic(pre, experts, scale=cfg.scale)
+        elif cfg.name == "ties":
+            merged = merging.ties(pre, experts, scale=cfg.scale, density=cfg.density, merge=cfg.combine)
+        elif cfg.name == "weight_average":
+            merged = merging.weight_average(experts)
+        elif cfg.name in ("adamerging", "adamerging_pp"):
+            heads = suite.heads()
+            unlabeled = [IndexedImages(suite.split(t, cfg.data_split)[0]) for t in suite.tasks]
+            res = merging.adamerging(
+                pre,
+                experts,
+                suite.build_visual(),
+                [heads[t] for t in suite.tasks],
+                unlabeled,
+                granularity=cfg.granularity,
+                ties=bool(cfg.ties),
+                density=cfg.density,
+                steps=cfg.steps,
+                lr=cfg.lr,
+                batch_size=cfg.batch_size,
+                init=cfg.init,
+                logit_scale=suite.logit_scale,
+                prepare=lambda b: normalize_images(b.to(device), suite.mean, suite.std),
+                seed=cfg.seed,
+                device=device,
+                progress=progress,
+            )
+            merged = res.state_dict
+            merging.save_coefficients(out / "coefficients.safetensors", res)
+            extra["final_entropy"] = float(res.entropy_history[-1]) if res.entropy_history else None
+            extra["forward_passes"] = int(cfg.steps) * len(suite.tasks) * int(cfg.batch_size)
+        elif cfg.name == "lot":
+            rng = np.random.default_rng(cfg.seed)
+            exemplars = []
+            for t in suite.tasks:
+                imgs = suite.split(t, cfg.exemplar_split)[0]
+                k = min(int(cfg.exemplars), imgs.shape[0])
+                sel = np.sort(rng.choice(imgs.shape[0], size=k, replace=False))
+                exemplars.append(torch.from_numpy(np.ascontiguousarray(imgs[sel])))
+            merged = merging.lot_merging(
+                pre,
+                experts,
+                suite.build_visual(),
+                exemplars,
+                scale=cfg.scale,
+                prepare=lambda b: normalize_images(b.to(device), suite.mean, suite.std),
+                batch_size=cfg.batch_size,
+                device=device,
+                progress=progress,
+            )
+            extra["forward_passes"] = sum(len(e) for e in exemplars)
+        save_state(out / "merged.safetensors", merged, meta={"merge": OmegaConf.to_container(cfg, resolve=True)})
+        extra["seconds"] = time.perf_counter() - t0
+        return extra
+
+    return cache.unit("merge", material, compute)
+
+
+def load_merged(unit: Unit) -> dict[str, torch.Tensor]:
+    return load_file(str(unit.file("merged.safetensors")))

@@ -1,0 +1,189 @@
+"""Controllable methods scored by the preference sweep, behind one small interface.
+
+A method has an offline stage (``fit``) and answers a batch of preferences with the test
+accuracy of every task (``accuracies``). ReACT answers from cached merged-model features
+and closed-form maps; model-producing baselines (preference-weighted Task Arithmetic,
+Pareto Merging, MAP) build a model per preference and go through the same cached feature
+extraction. Adding a method = a class here (or in ``baselines``) plus an entry in
+``METHODS`` and a ``configs/methods/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import merging
+from correction import react
+
+from .features import accuracy_from_features
+from .stages import Context, ModelRef
+
+PREF_CHUNK_BYTES = 1 << 30  # cap on the (P, N, D) corrected-feature block per step
+
+
+class Method:
+    """Interface. ``cost`` is filled by ``fit`` and ``accuracies`` for the cost table."""
+
+    name = "method"
+    controllable = True
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+        self.cost = {"offline_seconds": 0.0, "query_seconds": 0.0, "queries": 0, "forward_passes": 0}
+
+    def fit(self, ctx: Context) -> None:  # offline, preference-independent stage
+        pass
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:  # (P, T) -> (P, T)
+        raise NotImplementedError
+
+    def material(self) -> dict:
+        """What, besides the upstream keys, determines this method's numbers."""
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(self.cfg, resolve=True) if self.cfg is not None else None
+        return {"name": self.name, "cfg": cfg}
+
+
+class ReACT(Method):
+    """Closed-form representation correction (correction.react) on the merged model."""
+
+    name = "react"
+
+    def fit(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        c = ctx.cfg.correction
+        split = "test" if ctx.cfg.calibration.source == "test" else "val"
+        material = {
+            "merged": ctx.merged.key,
+            "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
+            "split": split,
+            "correction": {k: c[k] for k in ("beta", "reduction", "normalize_features")},
+        }
+        passes = 0
+
+        def compute(out: Path):
+            nonlocal passes
+            stats = []
+            for task in ctx.tasks:
+                idx = ctx.calibration[task]
+                z_m = ctx.features(ctx.merged, task, split, idx)
+                z_e = ctx.features(ctx.expert_ref(task), task, split, idx)
+                passes += 2 * len(idx)
+                stats.append(
+                    react.task_statistics(
+                        z_m,
+                        z_e,
+                        beta=float(c.beta),
+                        reduction=c.reduction,
+                        normalize_features=bool(c.normalize_features),
+                        task=task,
+                    )
+                )
+            react.save_statistics(stats, out / "statistics.safetensors", task_names=ctx.tasks)
+
+        unit = ctx.cache.unit("statistics", material, compute)
+        self.stats_path = unit.file("statistics.safetensors")
+        self.stats = _as_list(react.load_statistics(self.stats_path))
+        self.cost["offline_seconds"] += time.perf_counter() - t0
+        self.cost["forward_passes"] += passes
+
+    def maps(self, prefs: np.ndarray) -> torch.Tensor:
+        p = torch.as_tensor(prefs, dtype=torch.float64)
+        return react.preference_map(self.stats, p, aggregation=self.cfg.aggregation, dtype=torch.float32)
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = np.zeros((len(prefs), len(ctx.tasks)))
+        heads = ctx.suite.heads()
+        normalize = bool(self.cfg.normalize_features)
+        for j, task in enumerate(ctx.tasks):
+            z = ctx.features(ctx.merged, task, "test").to(ctx.device)
+            if normalize:
+                z = torch.nn.functional.normalize(z, dim=-1)
+            y = ctx.labels(task, "test").to(ctx.device)
+            head = heads[task].to(ctx.device)
+            chunk = max(1, PREF_CHUNK_BYTES // (4 * z.numel()))
+            for s in range(0, len(prefs), chunk):
+                W = self.maps(prefs[s : s + chunk]).to(ctx.device)
+                corrected = react.apply(W, z)  # (P, N, D)
+                out[s : s + chunk, j] = accuracy_from_features(
+                    corrected, head, y, ctx.suite.logit_scale
+                ).cpu().numpy()
+        self.cost["query_seconds"] += time.perf_counter() - t0
+        self.cost["queries"] += len(prefs)
+        return out
+
+
+class PreferenceTaskArithmetic(Method):
+    """theta_0 + scale * sum_k (T p_k) tau_k: one merged model per preference."""
+
+    name = "pref_ta"
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        pre, experts = ctx.suite.pretrained_state(), ctx.suite.expert_states()
+        heads = ctx.suite.heads()
+        out = np.zeros((len(prefs), len(ctx.tasks)))
+        for i, p in enumerate(prefs):
+            recipe = {"suite": ctx.suite.key, "p": np.round(p, 12).tolist(), "scale": self.cfg.scale}
+            ref = ModelRef(
+                f"pref_ta:{_hash(recipe)}",
+                "pref_ta",
+                lambda p=p: merging.preference_task_arithmetic(pre, experts, p.tolist(), scale=self.cfg.scale),
+            )
+            out[i] = model_accuracies(ctx, ref, heads)
+        self.cost["query_seconds"] += time.perf_counter() - t0
+        self.cost["queries"] += len(prefs)
+        self.cost["forward_passes"] = ctx.forward_passes.get("pref_ta", 0)
+        return out
+
+
+def model_accuracies(ctx: Context, ref: ModelRef, heads=None) -> np.ndarray:
+    """Test accuracy of one model on every task (features cached per model key)."""
+    heads = heads or ctx.suite.heads()
+    return np.array(
+        [
+            float(accuracy_from_features(ctx.features(ref, t, "test"), heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale))
+            for t in ctx.tasks
+        ]
+    )
+
+
+def _hash(material) -> str:
+    from .cache import stable_hash
+
+    return stable_hash(material)
+
+
+def _as_list(loaded):
+    """load_statistics may return the list or (list, names)."""
+    if isinstance(loaded, tuple):
+        return loaded[0]
+    return loaded
+
+
+METHODS: dict[str, type[Method]] = {"react": ReACT, "pref_ta": PreferenceTaskArithmetic}
+
+
+def register(name: str, cls: type[Method]) -> None:
+    METHODS[name] = cls
+
+
+def build_method(name: str, cfg) -> Method:
+    _load_baselines()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(METHODS)} (methods=[...])")
+    return METHODS[name](cfg)
+
+
+def _load_baselines() -> None:
+    """Baselines register themselves on import (kept optional so the core has no cycle)."""
+    try:
+        import baselines  # noqa: F401
+    except ImportError:
+        pass
