@@ -189,6 +189,7 @@ class Cache:
                     "extra": _jsonable(extra),
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+                _fault_injection(stage)
                 _fsync_dir(tmp)
                 if final.exists():  # a corrupted previous unit: replace it
                     shutil.rmtree(final)
@@ -222,6 +223,25 @@ class Cache:
             shutil.rmtree(tmp, ignore_errors=True)
             n += 1
         return n
+
+
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_injection(stage: str) -> None:
+    """Test hook: REACT_KILL_AT="<stage>:<n>" SIGKILLs this process while the n-th unit
+    (1-based) of ``stage`` is written but not yet renamed into place (a torn write)."""
+    spec = os.environ.get("REACT_KILL_AT")
+    if not spec:
+        return
+    target, _, n = spec.partition(":")
+    if target != stage:
+        return
+    _FAULT_COUNTS[stage] = _FAULT_COUNTS.get(stage, 0) + 1
+    if _FAULT_COUNTS[stage] == int(n or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,6 +9,7 @@ import itertools
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 import evaluation
 from evaluation import preferences as prefs_lib
@@ -63,7 +64,16 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
                 out["grid"] = prefs_lib.dirichlet(T, cfg.dirichlet_n, seed=cfg.dirichlet_seed)
             else:
                 raise ValueError(f"preferences.grid must be 'lattice' or 'dirichlet', got {cfg.grid!r}")
-    for name, p in out.items():
+    if cfg.get("custom") is not None:
+        custom = np.asarray(OmegaConf.to_container(cfg.custom) if OmegaConf.is_config(cfg.custom) else cfg.custom, dtype=np.float64)
+        if custom.ndim == 1:
+            custom = custom[None]
+        try:
+            prefs_lib.validate_preferences(custom, T)
+        except ValueError as e:
+            raise ValueError(f"preferences.custom (tasks in order {tasks}): {e}") from None
+        out["custom"] = custom
+    for p in out.values():
         prefs_lib.validate_preferences(p, T)
     return out
 

@@ -1,0 +1,286 @@
+"""The embedded offline suite: the project's default demo, built on a laptop CPU in minutes.
+
+Four real image classification tasks from PyPI wheels (see ``offline_data``), a small
+open_clip ViT pretrained here with SimCLR as the shared "pretrained CLIP", frozen class-
+prototype heads as its "zero-shot heads", and one fully fine-tuned expert per task (see
+``offline_train``). Everything is a cache unit, so it is built once and reused:
+
+    offline_dataset[task]  wheel arrays -> split DatasetDict (save_to_disk)
+    offline_images[task]   DatasetDict -> uint8 (N, 3, H, W) npy per split
+    offline_pretrained     SimCLR on the pooled train images of all tasks
+    offline_heads          class prototypes of the pretrained encoder, one (C, D) per task
+    offline_expert[task]   fine-tuned image tower under the task's frozen head
+
+Each unit's key material is its own config subtree, the keys of the units it reads and a
+code version below (bump it when that stage's code changes), so e.g. a new
+``finetune.steps`` rebuilds the experts only.
+
+Entry point: ``build(cfg, cache, progress=True) -> Suite`` with ``cfg`` the ``suite`` config
+node (``configs/suite/offline.yaml``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ..cache import Cache, Unit, stable_hash
+from ..suite import Suite, save_state
+from . import offline_data, offline_train
+
+log = logging.getLogger(__name__)
+
+# Version of each stage's code: part of the cache key, bump on any change to what it computes.
+CODE_VERSIONS = {
+    "dataset": "offline-dataset-1",
+    "images": "offline-images-1",
+    "pretrained": "offline-pretrained-1",
+    "heads": "offline-heads-1",
+    "expert": "offline-expert-1",
+}
+
+
+def _plain(node) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ValueError naming the bad key before any expensive work."""
+    tasks = list(cfg.tasks)
+    if not tasks:
+        raise ValueError("suite.tasks is empty; list some of " + str(sorted(offline_data.SOURCES)))
+    unknown = [t for t in tasks if t not in offline_data.SOURCES]
+    if unknown:
+        raise ValueError(
+            f"suite.tasks has unknown offline tasks {unknown}; choose from "
+            f"{sorted(offline_data.SOURCES)}"
+        )
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"suite.tasks lists a task twice: {tasks}")
+    m = cfg.model
+    if int(m.image_size) % int(m.vision.patch_size):
+        raise ValueError(
+            f"suite.model.image_size {m.image_size} is not a multiple of "
+            f"suite.model.vision.patch_size {m.vision.patch_size}"
+        )
+    if int(m.vision.width) % int(m.vision.head_width):
+        raise ValueError(
+            f"suite.model.vision.width {m.vision.width} is not a multiple of head_width "
+            f"{m.vision.head_width}"
+        )
+    for section in ("pretrain", "finetune"):
+        c = cfg[section]
+        if int(c.steps) < 1 or int(c.batch_size) < 2 or float(c.lr) <= 0:
+            raise ValueError(
+                f"suite.{section} needs steps >= 1, batch_size >= 2 and lr > 0; got "
+                f"steps={c.steps} batch_size={c.batch_size} lr={c.lr}"
+            )
+    if float(cfg.logit_scale) <= 0:
+        raise ValueError(f"suite.logit_scale must be > 0; got {cfg.logit_scale}")
+    if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
+        raise ValueError(f"suite.mean / suite.std need 3 values (std > 0); got {cfg.mean} {cfg.std}")
+
+
+@contextlib.contextmanager
+def _datasets_bars(enabled: bool):
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    (datasets.enable_progress_bars if enabled else datasets.disable_progress_bars)()
+    try:
+        yield
+    finally:
+        (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def _load_safetensors(unit: Unit, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(unit.file(name)))
+
+
+def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
+    """Build (or load from ``cache``) the offline suite described by ``cfg``."""
+    if not isinstance(cfg, DictConfig):
+        cfg = OmegaConf.create(cfg)
+    validate(cfg)
+    t0 = time.perf_counter()
+    tasks = list(cfg.tasks)
+    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    logit_scale = float(cfg.logit_scale)
+    model_config = {"clip_kwargs": offline_train.clip_kwargs(cfg.model)}
+    image_size = int(cfg.model.image_size)
+
+    # ---------------------------------------------------------------- data
+    datasets_u: dict[str, Unit] = {}
+    images_u: dict[str, Unit] = {}
+    for task in tasks:
+
+        def make_dataset(out, task=task):
+            with _datasets_bars(progress):
+                return offline_data.write_dataset(task, cfg.split, out / "dataset")
+
+        datasets_u[task] = cache.unit(
+            "offline_dataset",
+            {
+                "code": CODE_VERSIONS["dataset"],
+                "task": task,
+                "source": offline_data.source_version(task),
+                "split": _plain(cfg.split),
+            },
+            make_dataset,
+        )
+
+        def make_images(out, task=task):
+            return offline_data.write_images(
+                datasets_u[task].file("dataset"), image_size, out
+            )
+
+        images_u[task] = cache.unit(
+            "offline_images",
+            {"code": CODE_VERSIONS["images"], "dataset": datasets_u[task].key, "image_size": image_size},
+            make_images,
+        )
+
+    def split(task: str, name: str) -> tuple[np.ndarray, np.ndarray]:
+        d = images_u[task].path / name
+        return np.load(d / "images.npy"), np.load(d / "labels.npy")
+
+    # ---------------------------------------------------------------- pretrained encoder
+    def make_pretrained(out):
+        pools = [split(t, "train")[0] for t in tasks]
+        state, stats = offline_train.pretrain(
+            model_config, pools, cfg.pretrain, mean, std, progress=progress
+        )
+        save_state(
+            out / "pretrained.safetensors",
+            state,
+            {"suite": "offline", "role": "pretrained", "model_config": model_config,
+             "pretrain": _plain(cfg.pretrain), "tasks": tasks, "stats": stats},
+        )
+        return stats
+
+    pretrained_u = cache.unit(
+        "offline_pretrained",
+        {
+            "code": CODE_VERSIONS["pretrained"],
+            "model_config": model_config,
+            "pretrain": _plain(cfg.pretrain),
+            "mean": mean,
+            "std": std,
+            "images": [images_u[t].key for t in tasks],
+        },
+        make_pretrained,
+    )
+
+    # ---------------------------------------------------------------- frozen heads
+    classnames = {t: list(offline_data.SOURCES[t].classnames) for t in tasks}
+
+    def make_heads(out):
+        from ..suite import build_visual
+
+        visual = build_visual(model_config)
+        visual.load_state_dict(_load_safetensors(pretrained_u, "pretrained.safetensors"))
+        heads = {}
+        for t in tasks:
+            x, y = split(t, "train")
+            feats = offline_train.encode(visual, x, mean, std)
+            heads[t] = offline_train.class_prototypes(feats, torch.from_numpy(y), len(classnames[t]))
+        save_state(
+            out / "heads.safetensors",
+            heads,
+            {"suite": "offline", "role": "heads", "kind": "class prototypes of the pretrained "
+             "encoder on the train split", "classnames": classnames},
+        )
+
+    heads_u = cache.unit(
+        "offline_heads",
+        {
+            "code": CODE_VERSIONS["heads"],
+            "pretrained": pretrained_u.key,
+            "images": {t: images_u[t].key for t in tasks},
+            "classnames": classnames,
+        },
+        make_heads,
+    )
+
+    # ---------------------------------------------------------------- experts
+    expert_u: dict[str, Unit] = {}
+    for task in tasks:
+
+        def make_expert(out, task=task):
+            x, y = split(task, "train")
+            state, stats = offline_train.finetune(
+                model_config,
+                _load_safetensors(pretrained_u, "pretrained.safetensors"),
+                _load_safetensors(heads_u, "heads.safetensors")[task],
+                x,
+                y,
+                cfg.finetune,
+                logit_scale,
+                mean,
+                std,
+                desc=task,
+                progress=progress,
+            )
+            save_state(
+                out / "expert.safetensors",
+                state,
+                {"suite": "offline", "role": "expert", "task": task, "model_config": model_config,
+                 "finetune": _plain(cfg.finetune), "logit_scale": logit_scale, "stats": stats},
+            )
+            return stats
+
+        expert_u[task] = cache.unit(
+            "offline_expert",
+            {
+                "code": CODE_VERSIONS["expert"],
+                "task": task,
+                "finetune": _plain(cfg.finetune),
+                "logit_scale": logit_scale,
+                "pretrained": pretrained_u.key,
+                "heads": heads_u.key,
+                "images": images_u[task].key,
+            },
+            make_expert,
+        )
+
+    units = {
+        "pretrained": pretrained_u,
+        "heads": heads_u,
+        **{f"dataset/{t}": u for t, u in datasets_u.items()},
+        **{f"images/{t}": u for t, u in images_u.items()},
+        **{f"expert/{t}": u for t, u in expert_u.items()},
+    }
+    manifests = {name: cache.manifest(u) for name, u in units.items()}
+    info = {
+        "sources": {t: offline_data.SOURCES[t].description for t in tasks},
+        "split_sizes": {t: manifests[f"images/{t}"]["extra"]["sizes"] for t in tasks},
+        "split": _plain(cfg.split),
+        "unit_keys": {name: u.key for name, u in units.items()},
+        "build_seconds": {name: round(m["seconds"], 2) for name, m in manifests.items()},
+        "pretrain_stats": manifests["pretrained"]["extra"],
+        "expert_stats": {t: manifests[f"expert/{t}"]["extra"] for t in tasks},
+    }
+    log.info("offline suite ready in %.2f s (key %s)", time.perf_counter() - t0, "…")
+    return Suite(
+        name=str(cfg.name),
+        tasks=tasks,
+        classnames=classnames,
+        model_config=model_config,
+        mean=mean,
+        std=std,
+        logit_scale=logit_scale,
+        pretrained_path=pretrained_u.file("pretrained.safetensors"),
+        expert_paths={t: expert_u[t].file("expert.safetensors") for t in tasks},
+        heads_path=heads_u.file("heads.safetensors"),
+        data_dirs={t: {s: images_u[t].path / s for s in ("train", "val", "test")} for t in tasks},
+        key=stable_hash({"suite": "offline", "units": {n: u.key for n, u in units.items()}}),
+        info=info,
+    )

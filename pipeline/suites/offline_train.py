@@ -1,0 +1,252 @@
+"""Training of the offline suite's models: a small open_clip ViT and one expert per task.
+
+Pretrained encoder (stands in for CLIP's pretrained image tower). Trained here from scratch
+with SimCLR (no labels, none of the tasks' objectives) on the pooled *train* images of all
+tasks, drawn task-balanced: two augmented views x', x'' of each image, embeddings
+z = normalize(visual(x)), and the NT-Xent loss over the 2B views of a batch,
+
+    l_i = -log( exp(z_i . z_j(i) / T) / sum_{k != i} exp(z_i . z_k / T) ),
+
+j(i) the other view of the same image.
+
+Heads (stand in for CLIP's zero-shot text heads). For task t and class c, the L2-normalised
+mean of the L2-normalised pretrained embeddings of the class's train images:
+h_c = normalize(mean_i normalize(f_0(x_i))). Frozen from then on.
+
+Experts. For each task, the whole image tower is fine-tuned from the pretrained encoder
+with cross-entropy on logits = logit_scale * normalize(f(x)) @ H_t^T with H_t frozen, as
+CLIP experts are fine-tuned under frozen zero-shot heads.
+
+Determinism: model init under ``torch.manual_seed(seed)``, and every random draw (batch
+indices, augmentations) from a ``torch.Generator`` seeded from the config, so one config
+gives byte-identical weights on one machine and thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..suite import build_visual, normalize_images
+
+
+def clip_kwargs(model_cfg) -> dict[str, Any]:
+    """open_clip.CLIP kwargs of the suite's ViT (the text tower is tiny and unused)."""
+    v, t = model_cfg.vision, model_cfg.text
+    return {
+        "embed_dim": int(model_cfg.embed_dim),
+        "vision_cfg": {
+            "image_size": int(model_cfg.image_size),
+            "patch_size": int(v.patch_size),
+            "width": int(v.width),
+            "layers": int(v.layers),
+            "head_width": int(v.head_width),
+            "mlp_ratio": float(v.mlp_ratio),
+        },
+        "text_cfg": {
+            "context_length": int(t.context_length),
+            "vocab_size": int(t.vocab_size),
+            "width": int(t.width),
+            "heads": int(t.heads),
+            "layers": int(t.layers),
+        },
+    }
+
+
+# ---------------------------------------------------------------------------- augmentation
+def augment(x: torch.Tensor, gen: torch.Generator, aug) -> torch.Tensor:
+    """Random affine (rotation, scale, shift) and brightness/contrast jitter, batched.
+
+    ``x`` is float in [0, 1], (N, C, H, W); the border fills with 0 (the black background
+    of the silhouettes and digits). Returns a new tensor in [0, 1].
+    """
+    n = x.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    rot = float(aug.rotate_deg)
+    ang = uniform(-rot, rot) * (math.pi / 180.0)
+    scale = uniform(float(aug.scale[0]), float(aug.scale[1]))
+    sh = float(aug.translate)
+    tx, ty = uniform(-sh, sh), uniform(-sh, sh)
+    cos, sin = torch.cos(ang) / scale, torch.sin(ang) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1
+    )  # (N, 2, 3): output pixel -> input pixel
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    j = float(aug.jitter)
+    if j > 0:
+        contrast = uniform(1 - j, 1 + j).view(-1, 1, 1, 1)
+        bright = uniform(-j / 2, j / 2).view(-1, 1, 1, 1)
+        x = x * contrast + bright
+    return x.clamp_(0.0, 1.0)
+
+
+def _to_input(x01: torch.Tensor, mean, std) -> torch.Tensor:
+    """[0, 1] greyscale (N, 1, H, W) -> normalised 3-channel model input."""
+    return normalize_images(x01.expand(-1, 3, -1, -1).mul(255.0), mean, std)
+
+
+def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 0."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _optimizer(params, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=(0.9, 0.98)
+    )
+
+
+def _grey(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 3, H, W) grey-replicated -> float [0, 1] (N, 1, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(images[:, :1])).float().div_(255.0)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss of two views (B, D) each (rows need not be normalised)."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    b = z1.shape[0]
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+    return F.cross_entropy(sim, target)
+
+
+# ---------------------------------------------------------------------------- pretraining
+def pretrain(
+    model_config: dict[str, Any],
+    pools: list[np.ndarray],
+    cfg,
+    mean,
+    std,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """SimCLR on the task-balanced pool of unlabeled images. Returns (visual state, stats)."""
+    torch.manual_seed(int(cfg.seed))
+    visual = build_visual(model_config).train()
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    data = [_grey(p) for p in pools]
+    sizes = torch.tensor([len(d) for d in data])
+    flat = torch.cat(data)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    opt = _optimizer(visual.parameters(), cfg)
+    steps, bs = int(cfg.steps), int(cfg.batch_size)
+    losses = []
+    bar = tqdm(range(steps), desc="offline suite: pretraining (SimCLR)", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
+        task = torch.randint(len(data), (bs,), generator=gen)
+        idx = offsets[task] + (torch.rand(bs, generator=gen) * sizes[task]).long()
+        x = flat[idx]
+        v1 = _to_input(augment(x, gen, cfg.augment), mean, std)
+        v2 = _to_input(augment(x, gen, cfg.augment), mean, std)
+        z1, z2 = visual(torch.cat([v1, v2])).chunk(2)
+        loss = nt_xent(z1, z2, float(cfg.temperature))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
+        opt.step()
+        losses.append(float(loss))
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    return _state(visual), {"loss_first": losses[0], "loss_last_10": float(np.mean(losses[-10:]))}
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------- heads
+@torch.no_grad()
+def encode(
+    visual: torch.nn.Module, images: np.ndarray, mean, std, batch_size: int = 512
+) -> torch.Tensor:
+    """Embeddings (N, D) float32 of uint8 (N, 3, H, W) images, in eval mode."""
+    visual.eval()
+    out = [
+        visual(normalize_images(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), mean, std))
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out)
+
+
+def class_prototypes(features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(C, D): h_c = normalize(mean_{i: y_i = c} normalize(z_i))."""
+    z = F.normalize(features, dim=-1)
+    counts = torch.bincount(labels, minlength=n_classes)
+    if (counts == 0).any():
+        missing = torch.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"classes {missing} have no train images; cannot build their prototypes")
+    sums = torch.zeros(n_classes, z.shape[1], dtype=z.dtype).index_add_(0, labels, z)
+    return F.normalize(sums / counts[:, None].to(z.dtype), dim=-1)
+
+
+# ---------------------------------------------------------------------------- experts
+def finetune(
+    model_config: dict[str, Any],
+    pretrained: dict[str, torch.Tensor],
+    head: torch.Tensor,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg,
+    logit_scale: float,
+    mean,
+    std,
+    desc: str = "expert",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Fine-tune the whole image tower under a frozen head. Returns (visual state, stats)."""
+    torch.manual_seed(int(cfg.seed))
+    visual = build_visual(model_config)
+    visual.load_state_dict(pretrained)
+    visual.train()
+    head = head.detach().clone().requires_grad_(False)
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    x_all = _grey(images)
+    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    n = len(y_all)
+    opt = _optimizer(visual.parameters(), cfg)
+    steps, bs = int(cfg.steps), min(int(cfg.batch_size), n)
+    order, pos = torch.randperm(n, generator=gen), 0
+    losses, correct, seen = [], 0, 0
+    bar = tqdm(range(steps), desc=f"offline suite: fine-tuning {desc}", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
+        if pos + bs > n:  # next epoch
+            order, pos = torch.randperm(n, generator=gen), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        x = x_all[idx]
+        if cfg.augment is not None:
+            x = augment(x, gen, cfg.augment)
+        logits = logit_scale * F.normalize(visual(_to_input(x, mean, std)), dim=-1) @ head.T
+        loss = F.cross_entropy(logits, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
+        opt.step()
+        losses.append(float(loss))
+        if step >= steps - 20:
+            correct += int((logits.argmax(-1) == y_all[idx]).sum())
+            seen += len(idx)
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    stats = {
+        "loss_first": losses[0],
+        "loss_last_10": float(np.mean(losses[-10:])),
+        "train_acc_last_20_steps": correct / max(1, seen),
+    }
+    return _state(visual), stats
