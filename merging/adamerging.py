@@ -179,7 +179,9 @@ def adamerging(
 def adamerging_pp(*args, **kwargs) -> AdaMergingResult:
     """AdaMerging++: ``adamerging(..., ties=True)`` (coefficients over TIES-processed vectors)."""
     if "ties" in kwargs and not kwargs["ties"]:
-        raise ValueError("adamerging_pp always uses TIES-processed vectors; call adamerging instead")
+        raise ValueError(
+            "adamerging_pp always uses TIES-processed vectors; call adamerging instead"
+        )
     kwargs["ties"] = True
     return adamerging(*args, **kwargs)
 
@@ -291,10 +293,14 @@ def _check_training_inputs(
         if key not in pretrained:
             raise ValueError(f"encoder state-dict entry {key!r} is missing from pretrained")
     if heads is None or len(heads) != n_tasks:
-        raise ValueError(f"need one head per expert ({n_tasks}), got {None if heads is None else len(heads)}")
+        raise ValueError(
+            f"need one head per expert ({n_tasks}), got {None if heads is None else len(heads)}"
+        )
     for t, h in enumerate(heads):
         if not isinstance(h, torch.Tensor) or h.ndim != 2 or not h.is_floating_point():
-            raise ValueError(f"heads[{t}] must be a float (C_t, D) tensor, got {getattr(h, 'shape', h)}")
+            raise ValueError(
+                f"heads[{t}] must be a float (C_t, D) tensor, got {getattr(h, 'shape', h)}"
+            )
     if unlabeled is None or len(unlabeled) != n_tasks:
         raise ValueError(
             f"need one unlabeled set per expert ({n_tasks}), got {None if unlabeled is None else len(unlabeled)}"
@@ -397,7 +403,9 @@ def load_coefficients(path: str | os.PathLike) -> AdaMergingResult:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not an AdaMerging coefficients file (format {meta.get('format')!r})")
+            raise ValueError(
+                f"{path} is not an AdaMerging coefficients file (format {meta.get('format')!r})"
+            )
         coefficients = f.get_tensor("coefficients")
         history = f.get_tensor("entropy_history").tolist()
     return AdaMergingResult(

@@ -142,7 +142,11 @@ def _discover(model: nn.Module, keys: set[str] | None) -> tuple[list[Unit], list
             if mod._qkv_same_embed_dim and has(p + "in_proj_weight"):
                 units += [Unit(p + "in_proj_weight", "linear", src[r], blocks[r]) for r in src]
             elif not mod._qkv_same_embed_dim:
-                for r, w in (("query", "q_proj_weight"), ("key", "k_proj_weight"), ("value", "v_proj_weight")):
+                for r, w in (
+                    ("query", "q_proj_weight"),
+                    ("key", "k_proj_weight"),
+                    ("value", "v_proj_weight"),
+                ):
                     if has(p + w):
                         units.append(Unit(p + w, "linear", src[r]))
             if mod.in_proj_bias is not None and has(p + "in_proj_bias"):
@@ -178,7 +182,12 @@ def _discover(model: nn.Module, keys: set[str] | None) -> tuple[list[Unit], list
                 units.append(Unit(p + "bias", "norm_shift", name))
             hooks.append((name, mod, "layernorm"))
         proj = mod._parameters.get("proj") if hasattr(mod, "_parameters") else None
-        if proj is not None and proj.ndim == 2 and callable(getattr(mod, "_pool", None)) and has(p + "proj"):
+        if (
+            proj is not None
+            and proj.ndim == 2
+            and callable(getattr(mod, "_pool", None))
+            and has(p + "proj")
+        ):
             units.append(Unit(p + "proj", "linear", p + "proj", layout="in_out"))
             hooks.append((name, mod, "pool"))
     return units, hooks
@@ -224,7 +233,9 @@ def _conv_hook(name: str, emit: Emit):
         x = args[0]
         if x.ndim == 3:
             x = x.unsqueeze(0)
-        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (N, C*kh*kw, L)
+        cols = F.unfold(
+            x, mod.kernel_size, mod.dilation, mod.padding, mod.stride
+        )  # (N, C*kh*kw, L)
         emit((name,), cols.transpose(1, 2).reshape(-1, cols.shape[1]))
 
     return hook
@@ -393,7 +404,9 @@ def lot_merging(
     _check_encoder_keys(encoder, pretrained)
     n_tasks = len(experts)
     if exemplars is None or len(exemplars) != n_tasks:
-        raise ValueError(f"need one exemplar set per expert ({n_tasks}), got {None if exemplars is None else len(exemplars)}")
+        raise ValueError(
+            f"need one exemplar set per expert ({n_tasks}), got {None if exemplars is None else len(exemplars)}"
+        )
     for k, ex in enumerate(exemplars):
         if not hasattr(ex, "__len__") or len(ex) == 0:
             raise ValueError(f"exemplars[{k}] must be a non-empty batch of images")
@@ -467,7 +480,9 @@ def lot_merging(
     return out
 
 
-def _solve(units, num, den, gram_sum, experts, base, dev, rcond, progress) -> dict[str, torch.Tensor]:
+def _solve(
+    units, num, den, gram_sum, experts, base, dev, rcond, progress
+) -> dict[str, torch.Tensor]:
     """Assemble T* per key from the accumulated statistics (pinv once per input source)."""
     from tqdm.auto import tqdm
 
@@ -503,7 +518,9 @@ def _solve(units, num, den, gram_sum, experts, base, dev, rcond, progress) -> di
                     d = den[u]
                     mean = sum(_unit_view(e[u.key].to(dev) - base[u.key], u) for e in experts)
                     mean = mean / len(experts)
-                    value = torch.where(d > 0, num[u] / d.clamp(min=torch.finfo(d.dtype).tiny), mean)
+                    value = torch.where(
+                        d > 0, num[u] / d.clamp(min=torch.finfo(d.dtype).tiny), mean
+                    )
                     put(u, value)
                 else:
                     put(u, num[u] / den[u])

@@ -33,7 +33,9 @@ from ._checks import (
 )
 
 
-def task_vectors(pretrained: StateDict, experts: Sequence[StateDict]) -> list[dict[str, torch.Tensor]]:
+def task_vectors(
+    pretrained: StateDict, experts: Sequence[StateDict]
+) -> list[dict[str, torch.Tensor]]:
     """tau_k = theta_k - theta_0 for every floating-point key (non-float keys are left out)."""
     check_pretrained_and_experts(pretrained, experts)
     return [
@@ -151,7 +153,9 @@ def _as_vector(values: object, length: int, name: str) -> list[float]:
     elif hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
         values = values.tolist()  # numpy arrays
     if not isinstance(values, (list, tuple)):
-        raise TypeError(f"{name} must be a sequence of {length} numbers, got {type(values).__name__}")
+        raise TypeError(
+            f"{name} must be a sequence of {length} numbers, got {type(values).__name__}"
+        )
     if len(values) != length:
         raise ValueError(f"{name} has {len(values)} entries but there are {length} experts")
     return [check_scale(v, f"{name}[{i}]") for i, v in enumerate(values)]

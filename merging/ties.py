@@ -220,7 +220,9 @@ def ties_trim(vectors: Sequence[StateDict], density: float = 0.2) -> list[dict[s
     return out
 
 
-def ties_process(vectors: Sequence[StateDict], density: float = 0.2) -> list[dict[str, torch.Tensor]]:
+def ties_process(
+    vectors: Sequence[StateDict], density: float = 0.2
+) -> list[dict[str, torch.Tensor]]:
     """TIES-processed per-task vectors (trim + elect + disjoint mask), as AdaMerging++ uses.
 
     Task k's output is trim_k masked to the entries that agree with the elected sign, so

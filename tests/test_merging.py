@@ -28,8 +28,12 @@ def make_states(n_experts=3, seed=0, dtype=torch.float64):
     }
     experts = []
     for k in range(n_experts):
-        e = {key: (v + torch.randn(v.shape, generator=g, dtype=dtype)) if v.is_floating_point() else v + k + 1
-             for key, v in pre.items()}
+        e = {
+            key: (v + torch.randn(v.shape, generator=g, dtype=dtype))
+            if v.is_floating_point()
+            else v + k + 1
+            for key, v in pre.items()
+        }
         experts.append(e)
     return pre, experts
 
@@ -74,7 +78,10 @@ def reference_linear(pre, experts, weights):
     keys = float_keys(pre)
     p = flat_lists(pre, keys)
     es = [flat_lists(e, keys) for e in experts]
-    vals = [p[i] + sum(w * (e[i] - p[i]) for w, e in zip(weights, es)) for i in range(len(p))]
+    vals = [
+        p[i] + sum(w * (e[i] - p[i]) for w, e in zip(weights, es, strict=True))
+        for i in range(len(p))
+    ]
     return with_non_float(unflatten(vals, pre, keys), pre)
 
 
@@ -87,7 +94,7 @@ def reference_ties(pre, experts, scale, density, merge):
     k = min(n, max(1, round(density * n)))
     trimmed = []
     for e in experts:
-        tau = [a - b for a, b in zip(flat_lists(e, keys), p)]
+        tau = [a - b for a, b in zip(flat_lists(e, keys), p, strict=True)]
         threshold = sorted((abs(v) for v in tau), reverse=True)[k - 1]
         trimmed.append([v if abs(v) >= threshold else 0.0 for v in tau])
     merged = []
@@ -118,7 +125,9 @@ def test_task_arithmetic_matches_elementwise(scale):
 def test_weighted_task_arithmetic_matches_elementwise():
     pre, experts = make_states()
     w = [0.1, -0.4, 0.7]
-    assert_states_close(merging.weighted_task_arithmetic(pre, experts, w), reference_linear(pre, experts, w))
+    assert_states_close(
+        merging.weighted_task_arithmetic(pre, experts, w), reference_linear(pre, experts, w)
+    )
 
 
 def test_preference_task_arithmetic_matches_elementwise():
@@ -127,7 +136,9 @@ def test_preference_task_arithmetic_matches_elementwise():
     out = merging.preference_task_arithmetic(pre, experts, p, scale=0.3)
     assert_states_close(out, reference_linear(pre, experts, [0.3 * 3 * pk for pk in p]))
     # p uniform is Task Arithmetic; a vertex is theta_0 + scale * T * tau_t
-    uniform = merging.preference_task_arithmetic(pre, experts, torch.full((3,), 1 / 3, dtype=torch.float64), scale=0.3)
+    uniform = merging.preference_task_arithmetic(
+        pre, experts, torch.full((3,), 1 / 3, dtype=torch.float64), scale=0.3
+    )
     assert_states_close(uniform, merging.task_arithmetic(pre, experts, 0.3), atol=1e-12)
     vertex = merging.preference_task_arithmetic(pre, experts, [0, 1, 0], scale=0.3)
     assert_states_close(vertex, reference_linear(pre, experts, [0.0, 0.9, 0.0]))
@@ -148,7 +159,7 @@ def test_task_vectors_and_apply():
     pre, experts = make_states()
     tvs = merging.task_vectors(pre, experts)
     assert [sorted(tv) for tv in tvs] == [sorted(FLOAT_KEYS)] * 3  # int buffers are left out
-    for tv, e in zip(tvs, experts):
+    for tv, e in zip(tvs, experts, strict=True):
         for key in FLOAT_KEYS:
             assert torch.equal(tv[key], e[key] - pre[key])
     out = merging.apply(pre, tvs[1], scale=0.5)
@@ -156,13 +167,18 @@ def test_task_vectors_and_apply():
     keep = copy.deepcopy(pre)
     same = merging.apply(pre, tvs[1], scale=0.5, inplace=True)
     assert same["layer.weight"] is pre["layer.weight"]  # in place on request only
-    torch.testing.assert_close(pre["layer.weight"], keep["layer.weight"] + 0.5 * tvs[1]["layer.weight"])
+    torch.testing.assert_close(
+        pre["layer.weight"], keep["layer.weight"] + 0.5 * tvs[1]["layer.weight"]
+    )
 
 
 def test_low_precision_inputs_keep_dtype_and_accumulate_in_float32():
     pre, experts = make_states(dtype=torch.float32)
     pre16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in pre.items()}
-    ex16 = [{k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in e.items()} for e in experts]
+    ex16 = [
+        {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in e.items()}
+        for e in experts
+    ]
     out = merging.task_arithmetic(pre16, ex16, 0.3)
     ref = reference_linear(
         {k: v.double() if v.is_floating_point() else v for k, v in pre16.items()},
@@ -211,12 +227,20 @@ def test_ties_handcrafted_values():
     # sums: 1, -2, 0, 0, 11.5, -5.5 -> signs +, -, 0, 0, +, -
     out_sum = merging.ties(pre, experts, scale=1.0, density=4 / 6, merge="sum")
     expect_sum = [3.0, -4.0, 0.0, 0.0, 11.5, -5.5]
-    torch.testing.assert_close(out_sum["w"].reshape(-1), torch.tensor(expect_sum[:4], dtype=torch.float64))
-    torch.testing.assert_close(out_sum["b"], 10.0 + torch.tensor(expect_sum[4:], dtype=torch.float64))
+    torch.testing.assert_close(
+        out_sum["w"].reshape(-1), torch.tensor(expect_sum[:4], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        out_sum["b"], 10.0 + torch.tensor(expect_sum[4:], dtype=torch.float64)
+    )
     out_mean = merging.ties(pre, experts, scale=0.5, density=4 / 6, merge="mean")
     expect_mean = [3.0, -4.0, 0.0, 0.0, 11.5 / 3, -5.5 / 2]
-    torch.testing.assert_close(out_mean["w"].reshape(-1), 0.5 * torch.tensor(expect_mean[:4], dtype=torch.float64))
-    torch.testing.assert_close(out_mean["b"], 10.0 + 0.5 * torch.tensor(expect_mean[4:], dtype=torch.float64))
+    torch.testing.assert_close(
+        out_mean["w"].reshape(-1), 0.5 * torch.tensor(expect_mean[:4], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        out_mean["b"], 10.0 + 0.5 * torch.tensor(expect_mean[4:], dtype=torch.float64)
+    )
     assert torch.equal(out_sum["i"], pre["i"])
     for merge in ("sum", "mean"):
         ref = reference_ties(pre, experts, 1.0, 4 / 6, merge)
@@ -235,7 +259,10 @@ def test_ties_topk_is_global_not_per_tensor():
     # task vectors: tensor "a" holds all the large values; a per-tensor top-k would keep
     # entries of "b" too.
     pre = {"a": torch.zeros(8, dtype=torch.float64), "b": torch.zeros(8, dtype=torch.float64)}
-    e = {"a": torch.arange(10.0, 18.0, dtype=torch.float64), "b": torch.arange(1.0, 9.0, dtype=torch.float64)}
+    e = {
+        "a": torch.arange(10.0, 18.0, dtype=torch.float64),
+        "b": torch.arange(1.0, 9.0, dtype=torch.float64),
+    }
     out = merging.ties(pre, [e], scale=1.0, density=0.25)  # keep 4 of 16
     assert torch.equal(out["a"], torch.tensor([0, 0, 0, 0, 14.0, 15, 16, 17], dtype=torch.float64))
     assert torch.equal(out["b"], torch.zeros(8, dtype=torch.float64))
@@ -254,7 +281,7 @@ def test_ties_process_and_trim():
     n = sum(pre[k].numel() for k in FLOAT_KEYS)
     k = keep_count(n, 0.3)
     trimmed = merging.ties_trim(tvs, 0.3)
-    for tv, tr in zip(tvs, trimmed):
+    for tv, tr in zip(tvs, trimmed, strict=True):
         values = flat_lists(tv, FLOAT_KEYS)
         top = set(sorted(range(n), key=lambda i: -abs(values[i]))[:k])
         kept = flat_lists(tr, FLOAT_KEYS)
@@ -284,7 +311,9 @@ def test_ties_float32_matches_float64_reference():
 
 
 def _parts(tensors):
-    return ties_module._vector_parts({str(i): t for i, t in enumerate(tensors)}, [str(i) for i in range(len(tensors))])
+    return ties_module._vector_parts(
+        {str(i): t for i, t in enumerate(tensors)}, [str(i) for i in range(len(tensors))]
+    )
 
 
 def _direct(tensors, k):
@@ -295,9 +324,18 @@ def _direct(tensors, k):
 @pytest.mark.parametrize(
     "maker",
     [
-        lambda g: [torch.randn(3000, generator=g), torch.randn(40, 50, generator=g), torch.randn(7, generator=g)],
-        lambda g: [torch.randint(-5, 6, (4000,), generator=g).float(), torch.randint(-5, 6, (977,), generator=g).float()],
-        lambda g: [torch.where(torch.rand(5000, generator=g) < 0.9, 0.0, torch.randn(5000, generator=g))],
+        lambda g: [
+            torch.randn(3000, generator=g),
+            torch.randn(40, 50, generator=g),
+            torch.randn(7, generator=g),
+        ],
+        lambda g: [
+            torch.randint(-5, 6, (4000,), generator=g).float(),
+            torch.randint(-5, 6, (977,), generator=g).float(),
+        ],
+        lambda g: [
+            torch.where(torch.rand(5000, generator=g) < 0.9, 0.0, torch.randn(5000, generator=g))
+        ],
     ],
     ids=["gaussian", "integer-ties", "mostly-zero"],
 )
@@ -316,7 +354,9 @@ def test_kth_largest_gaussian_interior_k_uses_bracket(monkeypatch):
     monkeypatch.setattr(ties_module, "_kth_largest_direct", lambda p, k: pytest.fail("fell back"))
     n = 23000
     for k in [n // 10, n // 5, n // 2]:
-        assert kth_largest_magnitude(_parts(tensors), k, sample_size=2048, direct_below=1000) == _direct(tensors, k)
+        assert kth_largest_magnitude(
+            _parts(tensors), k, sample_size=2048, direct_below=1000
+        ) == _direct(tensors, k)
 
 
 def test_kth_largest_rejects_bad_k():
@@ -330,7 +370,10 @@ def test_kth_largest_rejects_bad_k():
 def call_all(pre, experts):
     yield "task_arithmetic", lambda: merging.task_arithmetic(pre, experts, 0.3)
     yield "weighted", lambda: merging.weighted_task_arithmetic(pre, experts, [0.1] * len(experts))
-    yield "preference", lambda: merging.preference_task_arithmetic(pre, experts, [1 / len(experts)] * len(experts))
+    yield (
+        "preference",
+        lambda: merging.preference_task_arithmetic(pre, experts, [1 / len(experts)] * len(experts)),
+    )
     yield "ties_sum", lambda: merging.ties(pre, experts, 0.3, 0.2, "sum")
     yield "ties_mean", lambda: merging.ties(pre, experts, 0.3, 0.2, "mean")
     yield "task_vectors", lambda: merging.task_vectors(pre, experts)
@@ -338,9 +381,18 @@ def call_all(pre, experts):
 
 MUTATIONS = {
     "missing": (lambda e: e.pop("layer.bias"), r"expert 1: key 'layer.bias' is missing"),
-    "extra": (lambda e: e.__setitem__("zzz.extra", torch.zeros(1)), r"expert 1: unexpected key 'zzz.extra'"),
-    "shape": (lambda e: e.__setitem__("emb", torch.zeros(2, 4, dtype=torch.float64)), r"expert 1: key 'emb' has shape \(2, 4\)"),
-    "dtype": (lambda e: e.__setitem__("emb", e["emb"].float()), r"expert 1: key 'emb' has dtype torch.float32"),
+    "extra": (
+        lambda e: e.__setitem__("zzz.extra", torch.zeros(1)),
+        r"expert 1: unexpected key 'zzz.extra'",
+    ),
+    "shape": (
+        lambda e: e.__setitem__("emb", torch.zeros(2, 4, dtype=torch.float64)),
+        r"expert 1: key 'emb' has shape \(2, 4\)",
+    ),
+    "dtype": (
+        lambda e: e.__setitem__("emb", e["emb"].float()),
+        r"expert 1: key 'emb' has dtype torch.float32",
+    ),
 }
 
 
@@ -349,7 +401,7 @@ def test_mismatched_state_dicts_name_key_and_expert(mutation):
     pre, experts = make_states()
     mutate, pattern = MUTATIONS[mutation]
     mutate(experts[1])
-    for name, fn in call_all(pre, experts):
+    for _, fn in call_all(pre, experts):
         with pytest.raises(ValueError, match=pattern):
             fn()
     with pytest.raises(ValueError, match=pattern):  # experts checked against expert 0
@@ -384,10 +436,16 @@ def test_inputs_are_never_modified_and_outputs_do_not_alias_them():
     pre, experts = make_states()
     pre_copy, experts_copy = copy.deepcopy(pre), copy.deepcopy(experts)
     outputs = [fn() for _, fn in call_all(pre, experts)]
-    outputs += [merging.weight_average(experts), merging.apply(pre, merging.task_vectors(pre, experts)[0])]
-    outputs += [merging.ties_trim(merging.task_vectors(pre, experts)), merging.ties_process(merging.task_vectors(pre, experts))]
+    outputs += [
+        merging.weight_average(experts),
+        merging.apply(pre, merging.task_vectors(pre, experts)[0]),
+    ]
+    outputs += [
+        merging.ties_trim(merging.task_vectors(pre, experts)),
+        merging.ties_process(merging.task_vectors(pre, experts)),
+    ]
     assert_states_close(pre, pre_copy, atol=0)
-    for e, ec in zip(experts, experts_copy):
+    for e, ec in zip(experts, experts_copy, strict=True):
         assert_states_close(e, ec, atol=0)
     inputs = [t for sd in [pre, *experts] for t in sd.values()]
     for out in outputs:
