@@ -137,7 +137,7 @@ def _discover(model: nn.Module, keys: set[str] | None) -> tuple[list[Unit], list
             continue
         if isinstance(mod, nn.MultiheadAttention):
             e = mod.embed_dim
-            src = {r: f"{p}attn[{r}]" for r in ("query", "key", "value")}
+            src = {r: f"{name}[{r}]" for r in ("query", "key", "value")}
             blocks = {"query": (0, e), "key": (e, 2 * e), "value": (2 * e, 3 * e)}
             if mod._qkv_same_embed_dim and has(p + "in_proj_weight"):
                 units += [Unit(p + "in_proj_weight", "linear", src[r], blocks[r]) for r in src]
@@ -151,7 +151,7 @@ def _discover(model: nn.Module, keys: set[str] | None) -> tuple[list[Unit], list
                         units.append(Unit(p + w, "linear", src[r]))
             if mod.in_proj_bias is not None and has(p + "in_proj_bias"):
                 units += [Unit(p + "in_proj_bias", "bias", src[r], blocks[r]) for r in src]
-            out_src = f"{p}attn[out_proj_input]"
+            out_src = f"{name}[out_proj_input]"
             if has(p + "out_proj.weight"):
                 units.append(Unit(p + "out_proj.weight", "linear", out_src))
             if mod.out_proj.bias is not None and has(p + "out_proj.bias"):
@@ -205,7 +205,7 @@ def _install(hooks: list[tuple], emit: Emit) -> list[Callable[[], None]]:
         elif kind == "layernorm":
             removers.append(mod.register_forward_pre_hook(_layernorm_hook(name, emit)).remove)
         elif kind == "mha":
-            h = mod.register_forward_hook(_mha_hook(p, emit), with_kwargs=True)
+            h = mod.register_forward_hook(_mha_hook(name, emit), with_kwargs=True)
             removers.append(h.remove)
         elif kind == "pool":
             original = mod._pool
@@ -244,13 +244,14 @@ def _conv_hook(name: str, emit: Emit):
 def _layernorm_hook(name: str, emit: Emit):
     def hook(mod, args):
         x = args[0]
-        xhat = F.layer_norm(x.float(), mod.normalized_shape, None, None, mod.eps)
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        xhat = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
         emit((name,), xhat.reshape(-1, math.prod(mod.normalized_shape)))
 
     return hook
 
 
-def _mha_hook(prefix: str, emit: Emit):
+def _mha_hook(name: str, emit: Emit):
     """Record query/key/value inputs and the attention output before out_proj.
 
     nn.MultiheadAttention applies out_proj inside F.multi_head_attention_forward without
@@ -261,7 +262,7 @@ def _mha_hook(prefix: str, emit: Emit):
         b = _MHA_SIGNATURE.bind(mod, *args, **kwargs)
         b.apply_defaults()
         q, k, v = b.arguments["query"], b.arguments["key"], b.arguments["value"]
-        srcs = {r: f"{prefix}attn[{r}]" for r in ("query", "key", "value")}
+        srcs = {r: f"{name}[{r}]" for r in ("query", "key", "value")}
         if q is k and k is v:
             emit((srcs["query"], srcs["key"], srcs["value"]), q.reshape(-1, q.shape[-1]))
         else:
@@ -292,7 +293,7 @@ def _mha_hook(prefix: str, emit: Emit):
         )  # fmt: skip
         if mod.batch_first and batched:
             attn = attn.transpose(0, 1)
-        emit((f"{prefix}attn[out_proj_input]",), attn.reshape(-1, e))
+        emit((f"{name}[out_proj_input]",), attn.reshape(-1, e))
 
     return hook
 
