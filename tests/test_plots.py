@@ -1,0 +1,226 @@
+"""Figures: files written (PNG + PDF, non-trivial), labels name the tasks, bad input rejected."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.figure import Figure
+from PIL import Image
+
+from evaluation import plots
+from evaluation import preferences as prefs
+
+TASKS = ["Cars", "RESISC45", "DTD", "SVHN"]
+EXPERT = {"Cars": 0.78, "RESISC45": 0.96, "DTD": 0.79, "SVHN": 0.97}
+MERGED = {"Cars": 0.60, "RESISC45": 0.75, "DTD": 0.55, "SVHN": 0.80}
+
+
+def _accuracy(method_gain: float, p: np.ndarray) -> np.ndarray:
+    """Synthetic trade-off: accuracy moves from the merged value toward the expert with p."""
+    m = np.array([MERGED[t] for t in TASKS])
+    e = np.array([EXPERT[t] for t in TASKS])
+    return m + method_gain * (e - m) * np.sqrt(p)
+
+
+def _frames(methods=(("ReACT", 0.9), ("preference TA", 0.5))):
+    sets = {"equal": prefs.equal(4), "priority": prefs.priority(4), "one_hot": prefs.one_hot(4)}
+    for a, b in itertools.combinations(TASKS, 2):
+        sets[plots.pairwise_set_name(a, b)] = prefs.pairwise(4, TASKS.index(a), TASKS.index(b))
+    sets["simplex3"] = prefs.subspace_grid(4, [0, 1, 2], step=0.1)
+    pref_rows, res_rows = [], []
+    for name, p in sets.items():
+        for i, row in enumerate(p):
+            pref_rows.append({"pref_set": name, "pref_id": i, **dict(zip(TASKS, row, strict=True))})
+    for method, gain in methods:
+        for name, p in sets.items():
+            acc = _accuracy(gain, p)
+            for i in range(len(p)):
+                for t_i, t in enumerate(TASKS):
+                    res_rows.append((method, name, i, t, acc[i, t_i], acc[i, t_i] / EXPERT[t]))
+    results = pd.DataFrame(res_rows, columns=list(plots.RESULTS_COLUMNS))
+    preferences = pd.DataFrame(pref_rows)
+    ref_rows = []
+    for label, acc in (
+        ("pretrained", {t: 0.5 for t in TASKS}),
+        ("merged (task_arithmetic)", MERGED),
+        ("expert", EXPERT),
+    ):
+        ref_rows += [(label, t, acc[t], acc[t] / EXPERT[t]) for t in TASKS]
+    reference = pd.DataFrame(ref_rows, columns=list(plots.REFERENCE_COLUMNS))
+    return results, preferences, reference
+
+
+def _check_files(paths, min_kb: float = 15):
+    assert [p.suffix for p in paths] == [".png", ".pdf"]
+    for p in paths:
+        assert p.exists() and p.stat().st_size > min_kb * 1024, (p, p.stat().st_size)
+    with Image.open(paths[0]) as im:
+        w, h = im.size
+        assert w >= 600 and h >= 400
+        # not blank: many distinct colours
+        colours = im.convert("RGB").getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 50
+    assert paths[1].read_bytes()[:5] == b"%PDF-"
+
+
+def _texts(fig: Figure) -> list[str]:
+    from matplotlib.text import Text
+
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_pairwise_fronts_files_and_labels(tmp_path):
+    results, preferences, reference = _frames()
+    paths = plots.plot_pairwise_fronts(results, preferences, reference, TASKS, tmp_path)
+    _check_files(paths)
+    fig = plots.pairwise_fronts_figure(results, preferences, reference, TASKS)
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 6  # all pairs of 4 tasks
+    pairs = list(itertools.combinations(TASKS, 2))
+    assert [(ax.get_xlabel(), ax.get_ylabel()) for ax in visible] == [
+        (f"{a} accuracy (%)", f"{b} accuracy (%)") for a, b in pairs
+    ]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    for label in ("ReACT", "preference TA", "pretrained", "merged (task_arithmetic)", "experts"):
+        assert label in legend
+
+
+def test_pairwise_fronts_curve_values_follow_preference_order():
+    results, preferences, reference = _frames(methods=(("ReACT", 0.9),))
+    fig = plots.pairwise_fronts_figure(
+        results, preferences, reference, TASKS, pairs=[("DTD", "Cars")]
+    )
+    ax = fig.axes[0]
+    line = ax.get_lines()[0]
+    x, y = line.get_xdata(), line.get_ydata()
+    # set stored as Cars|DTD; the panel puts DTD on x. Order: weight on DTD from 0 to 1.
+    w = np.linspace(0, 1, 11)
+    exp_x = 100 * (MERGED["DTD"] + 0.9 * (EXPERT["DTD"] - MERGED["DTD"]) * np.sqrt(w))
+    exp_y = 100 * (MERGED["Cars"] + 0.9 * (EXPERT["Cars"] - MERGED["Cars"]) * np.sqrt(1 - w))
+    np.testing.assert_allclose(x, exp_x, rtol=1e-12)
+    np.testing.assert_allclose(y, exp_y, rtol=1e-12)
+    star = [ln for ln in ax.get_lines() if ln.get_marker() == "*"][0]
+    np.testing.assert_allclose(
+        [star.get_xdata()[0], star.get_ydata()[0]], [100 * EXPERT["DTD"], 100 * EXPERT["Cars"]]
+    )
+    assert ax.get_xlabel() == "DTD accuracy (%)"
+
+
+def test_pairwise_normalized_metric_labels(tmp_path):
+    results, preferences, reference = _frames()
+    paths = plots.plot_pairwise_fronts(
+        results,
+        preferences,
+        reference,
+        TASKS,
+        tmp_path,
+        pairs=[("Cars", "DTD")],
+        metric="normalized_accuracy",
+    )
+    assert paths[0].name == "pairwise_fronts_normalized_accuracy.png"
+    fig = plots.pairwise_fronts_figure(
+        results, preferences, None, TASKS, pairs=[("Cars", "DTD")], metric="normalized_accuracy"
+    )
+    assert fig.axes[0].get_xlabel() == "Cars normalised accuracy (%)"
+
+
+def test_simplex_maps_files_and_labels(tmp_path):
+    results, preferences, _ = _frames()
+    tasks3 = TASKS[:3]
+    paths = plots.plot_simplex_maps(results, preferences, tasks3, tmp_path, method="ReACT")
+    _check_files(paths)
+    assert paths[0].name == "simplex_ReACT_simplex3_accuracy.png"
+    fig = plots.simplex_maps_figure(results, preferences, tasks3, method="ReACT")
+    texts = _texts(fig)
+    for t in tasks3:
+        assert any(s.startswith(t) and "(p = 1)" in s for s in texts), t  # vertex label
+        assert f"{t} accuracy" in texts  # panel title
+    colourbar_labels = [ax.get_xlabel() for ax in fig.axes if ax.get_xlabel()]
+    assert colourbar_labels == ["accuracy (%)"] * 4
+
+
+def test_simplex_maps_colour_range_matches_data():
+    results, preferences, _ = _frames()
+    fig = plots.simplex_maps_figure(results, preferences, TASKS[:3], method="ReACT")
+    sub = results[
+        (results.method == "ReACT") & (results.pref_set == "simplex3") & (results.task == "Cars")
+    ]
+    contour = fig.axes[0].collections[0]
+    lo, hi = contour.get_clim()
+    assert lo == pytest.approx(100 * sub.accuracy.min()) and hi == pytest.approx(
+        100 * sub.accuracy.max()
+    )
+
+
+def test_scenario_bars_values_and_labels(tmp_path):
+    table = pd.DataFrame(
+        {
+            "method": ["ReACT", "ReACT", "ReACT", "PM", "PM", "PM"],
+            "scenario": ["one_hot", "equal", "priority", "equal", "priority", "one_hot"],
+            "average_accuracy": [0.889, 0.854, 0.873, 0.852, 0.859, 0.836],
+        }
+    )
+    paths = plots.plot_scenario_bars(table, tmp_path, reference={"experts": 0.905})
+    _check_files(paths, min_kb=10)
+    fig = plots.scenario_bars_figure(table)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["equal", "priority", "one-hot"]
+    assert ax.get_ylabel() == "average accuracy (%)"
+    heights = [round(r.get_height(), 6) for r in ax.patches]
+    assert heights == [
+        85.4,
+        87.3,
+        88.9,
+        85.2,
+        85.9,
+        83.6,
+    ]  # ReACT bars then PM bars, scenario order
+    annotations = {t.get_text() for t in ax.texts}
+    assert {"85.4", "88.9", "83.6"} <= annotations
+
+
+def test_cost_plot(tmp_path):
+    cost = pd.DataFrame(
+        {
+            "method": ["ReACT"] * 3 + ["Pareto Merging"] * 3,
+            "n_tasks": [2, 4, 8] * 2,
+            "seconds": [1.0, 2.1, 4.0, 300.0, 610.0, 1250.0],
+        }
+    )
+    paths = plots.plot_cost(cost, tmp_path)
+    _check_files(paths, min_kb=10)
+    ax = plots.cost_figure(cost).axes[0]
+    assert ax.get_yscale() == "log"
+    assert ax.get_xlabel() == "number of tasks T" and ax.get_ylabel() == "offline cost (s)"
+
+
+def test_bad_inputs():
+    results, preferences, reference = _frames()
+    with pytest.raises(ValueError, match="missing column"):
+        plots.pairwise_fronts_figure(
+            results.drop(columns="accuracy"), preferences, reference, TASKS
+        )
+    with pytest.raises(ValueError, match="no pairwise sweep for \\(Cars, SUN\\)|unknown task"):
+        plots.pairwise_fronts_figure(
+            results, preferences, reference, TASKS, pairs=[("Cars", "SUN")]
+        )
+    pct = results.assign(accuracy=results.accuracy * 100)
+    with pytest.raises(ValueError, match="fractions in \\[0, 1\\]"):
+        plots.pairwise_fronts_figure(pct, preferences, reference, TASKS)
+    with pytest.raises(ValueError, match="pass method="):
+        plots.simplex_maps_figure(results, preferences, TASKS[:3])
+    with pytest.raises(ValueError, match="3 different tasks"):
+        plots.simplex_maps_figure(results, preferences, TASKS[:2], method="ReACT")
+    no_pairs = results[~results.pref_set.str.startswith("pairwise:")]
+    with pytest.raises(ValueError, match="no pairwise sweeps"):
+        plots.pairwise_fronts_figure(no_pairs, preferences, reference, TASKS)
+    dup = pd.DataFrame(
+        {"method": ["A", "A"], "scenario": ["equal", "equal"], "average_accuracy": [0.5, 0.6]}
+    )
+    with pytest.raises(ValueError, match="one row per"):
+        plots.scenario_bars_figure(dup)
+    with pytest.raises(ValueError, match="metric must be"):
+        plots.pairwise_fronts_figure(results, preferences, reference, TASKS, metric="loss")
