@@ -40,6 +40,7 @@ import torch
 from . import compat  # noqa: F401  (torchvision guard before transformers / open_clip)
 
 KINDS = ("hf", "task_vectors", "state_dict", "open_clip")
+HUB_UNREACHABLE = "the Hugging Face hub is unreachable"
 TASK_VECTORS_URL = "https://drive.google.com/drive/folders/1u_Tva6x0p6oxu5Eo0ZZsf-520Cc_3MKw"
 
 
@@ -73,12 +74,22 @@ class Resource:
 
 
 def missing_resources(resources: list[Resource]) -> list[tuple[Resource, str]]:
-    """The resources that are not available, each with the reason."""
-    out = []
+    """The resources that are not available, each with the reason.
+
+    Once the hub proves unreachable, later hub entries are only looked up in the local cache
+    (no more network timeouts).
+    """
+    out, unreachable = [], None
     for res in resources:
-        why = resource_status(res)
+        if unreachable and res.kind.startswith("hub_"):
+            cached = hub_cached(res.location, res.kind.removeprefix("hub_"), res.revision)
+            why = None if cached else unreachable
+        else:
+            why = resource_status(res)
         if why is not None:
             out.append((res, why))
+            if why.startswith(HUB_UNREACHABLE):
+                unreachable = why
     return out
 
 
@@ -155,7 +166,7 @@ def hub_status(repo_id: str, repo_type: str = "model", revision: str | None = No
     except RepositoryNotFoundError:
         return f"no {repo_type} repository of that name on the hub (or it is private)"
     except Exception as e:  # network errors come in many types
-        return f"the Hugging Face hub is unreachable ({type(e).__name__}: {e})"
+        return f"{HUB_UNREACHABLE} ({type(e).__name__}: {e})"
 
 
 # ====================================================================== safe torch unpickling
@@ -390,7 +401,13 @@ def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
-VISUAL_PREFIXES = ("module.model.visual.", "model.visual.", "module.visual.", "visual.")
+VISUAL_PREFIXES = (
+    "image_encoder.model.visual.",  # a task-vectors ImageClassifier
+    "module.model.visual.",
+    "model.visual.",  # a task-vectors ImageEncoder
+    "module.visual.",
+    "visual.",  # a whole open_clip CLIP
+)
 
 
 def visual_subset(state: Mapping[str, torch.Tensor], source: str = "?") -> dict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIP_KWARGS = dict(
     embed_dim=16,
     vision_cfg=dict(image_size=32, layers=2, width=32, head_width=8, mlp_ratio=2.0, patch_size=8),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=4, layers=1),
     quick_gelu=True,
 )
 
@@ -268,9 +268,10 @@ def test_check_visual_state_names_bad_keys_and_casts():
 # ---------------------------------------------------------------------- missing resources
 @pytest.mark.reliability
 def test_missing_resources_are_reported_together_with_fixes(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     refs = [
         ckpt.CheckpointRef("expert GTSRB", "hf", "tanganke/clip-vit-base-patch32_gtsrb"),
         ckpt.CheckpointRef("expert Cars", "task_vectors", str(tmp_path / "tv" / "Cars" / "finetuned.pt")),
@@ -285,3 +286,49 @@ def test_missing_resources_are_reported_together_with_fixes(tmp_path, monkeypatc
     assert "hf download tanganke/clip-vit-base-patch32_gtsrb" in msg
     assert str(tmp_path / "tv" / "Cars" / "finetuned.pt") in msg and ckpt.TASK_VECTORS_URL in msg
     assert "DTD" not in msg
+
+
+def test_whole_transformers_clipmodel_folder_gives_its_vision_tower(tmp_path):
+    """e.g. experts.pretrained=openai/clip-vit-base-patch32 (a CLIPModel checkpoint)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    torch.manual_seed(10)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=4, projection_dim=16)
+    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=hf_config().to_dict(),
+                     projection_dim=16)
+    full = CLIPModel(cfg).eval()
+    full.save_pretrained(tmp_path / "clip")
+    state, info = ckpt.load_hf_visual(str(tmp_path / "clip"), quick_gelu=True)
+    visual = open_clip.CLIP(**CLIP_KWARGS).visual.eval()
+    visual.load_state_dict(state)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = full.visual_projection(full.vision_model(pixel_values=x).pooler_output)
+        assert torch.allclose(visual(x), ref, atol=1e-5)
+    assert "from the checkpoint" in info["projection"]
+
+
+@pytest.mark.reliability
+def test_unreachable_hub_is_asked_once_then_reported_for_every_hub_entry(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi, constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    calls = []
+
+    def no_network(self, repo_id, **kw):
+        calls.append(repo_id)
+        raise ConnectionError("network is down")
+
+    monkeypatch.setattr(HfApi, "repo_info", no_network)
+    res = [ckpt.Resource("a", "hub_model", "org/a", "fix a"),
+           ckpt.Resource("b", "hub_dataset", "org/b", "fix b")]
+    missing = ckpt.missing_resources(res)
+    assert calls == ["org/a"]
+    assert [r.location for r, _ in missing] == ["org/a", "org/b"]
+    assert all(why.startswith(ckpt.HUB_UNREACHABLE) and "network is down" in why for _, why in missing)

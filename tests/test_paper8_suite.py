@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIP_KWARGS = dict(
     embed_dim=16,
     vision_cfg=dict(image_size=32, layers=2, width=32, head_width=8, mlp_ratio=2.0, patch_size=8),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=32, heads=4, layers=1),
+    text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=4, layers=1),
     quick_gelu=True,
 )
 TASKS = ["MNIST", "EuroSAT", "SVHN"]
@@ -193,7 +193,7 @@ def test_experts_of_every_format(world):
 
 def test_heads_are_unit_rows_equal_to_a_direct_recomputation(world):
     heads, facts = world.suite.heads(), paper8.task_facts()
-    tok = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=32)
     for task in TASKS:
         h = heads[task]
         assert h.shape == (10, 16)
@@ -229,10 +229,12 @@ def test_activation_mismatch_with_a_transformers_expert_is_refused(world):
 # ---------------------------------------------------------------------- sources and configs
 @pytest.fixture
 def empty_hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    """Hub access off and empty hub / datasets caches (hermetic even where real ones exist)."""
     import datasets
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf" / "datasets")
 
