@@ -200,8 +200,9 @@ def hypervolume(
     directions: the default ``approx_method="Rphi-FWE+"`` is a deterministic
     quasi-Monte-Carlo rule (``seed`` is unused); ``"DZ2019-MC"`` is plain Monte-Carlo
     seeded with ``seed``. The result's ``exact`` and ``method`` fields say which was used.
-    Measured in 8-D (2-core CPU): exact 0.3 s / 8 s / 67 s for 100 / 200 / 300 points;
-    Rphi-FWE+ with 2^20 samples about 0.8 s at 300 points, relative error ~1e-4.
+    Measured in 8-D (2-core CPU, bench/results_evaluation.md): exact about 0.3-0.8 s /
+    8-20 s / 67 s for 100 / 200 / 300 points; Rphi-FWE+ with 2^20 samples under ~1 s,
+    relative error ~1e-4.
     """
     pts = _as_matrix(points, "points")
     n, dim = pts.shape
