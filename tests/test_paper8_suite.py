@@ -339,3 +339,20 @@ def test_parallel_decoding_equals_inline_decoding(world, tmp_path):
     par, seq = np.load(tmp_path / "par.npy"), np.load(tmp_path / "seq.npy")
     want = np.stack([preprocess_pil(world.raw["MNIST"]["train"][0][r], 32) for r in rows])
     assert np.array_equal(par, want) and np.array_equal(seq, want)
+
+
+def test_task_vectors_source_takes_the_pretrained_tower_from_zeroshot_pt(world):
+    zeroshot = tiny_clip(5)  # a different tower from the open_clip backbone weights
+    save_task_vectors_like(world.root / "tv" / "zeroshot.pt", zeroshot)
+    cfg = make_cfg(world.root)
+    cfg.backbone.experts.source = "task_vectors"
+    cfg.backbone.experts.task_vectors.root = str(world.root / "tv")
+    cfg.backbone.experts.overrides.MNIST = {"source": "hf", "location": str(world.root / "hf" / "MNIST")}
+    cache = Cache(world.root / "cache")
+    s = paper8.build(cfg, cache, progress=False)
+    exp = zeroshot.visual.state_dict()
+    assert all(torch.equal(s.pretrained_state()[k], v) for k, v in exp.items())
+    assert torch.equal(s.expert_state("MNIST")["proj"], zeroshot.visual.proj)  # completes the HF expert
+    assert s.info["pretrained"]["location"].endswith("zeroshot.pt")
+    computed = {stage for stage, _, what in cache.events if what == "computed"}
+    assert computed == {"paper8_pretrained", "paper8_expert"}  # images, backbone, heads reused

@@ -628,7 +628,7 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
             "paper8_pretrained",
             {"code": CODE_VERSIONS["pretrained"], "ref": pre_ref.material(),
              "backbone": plans["backbone"].key},
-            make_pretrained, [pre_ref.resource(), backbone.resource()],
+            make_pretrained, [pre_ref.resource()],
         )
         pre_plan, pre_file = plans["pretrained"], "pretrained.safetensors"
     else:
