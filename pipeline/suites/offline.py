@@ -63,6 +63,15 @@ def validate(cfg: DictConfig) -> None:
         )
     if len(set(tasks)) != len(tasks):
         raise ValueError(f"suite.tasks lists a task twice: {tasks}")
+    sp = cfg.split
+    vf, tf = float(sp.val_fraction), float(sp.test_fraction)
+    if not (vf > 0 and tf > 0 and vf + tf < 1):
+        raise ValueError(
+            f"suite.split needs val_fraction > 0, test_fraction > 0 and their sum < 1; got "
+            f"val_fraction={vf} test_fraction={tf}"
+        )
+    if sp.get("max_per_split") is not None and int(sp.max_per_split) < 1:
+        raise ValueError(f"suite.split.max_per_split must be null or >= 1; got {sp.max_per_split}")
     m = cfg.model
     if int(m.image_size) % int(m.vision.patch_size):
         raise ValueError(
@@ -84,7 +93,9 @@ def validate(cfg: DictConfig) -> None:
     if float(cfg.logit_scale) <= 0:
         raise ValueError(f"suite.logit_scale must be > 0; got {cfg.logit_scale}")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
-        raise ValueError(f"suite.mean / suite.std need 3 values (std > 0); got {cfg.mean} {cfg.std}")
+        raise ValueError(
+            f"suite.mean / suite.std need 3 values (std > 0); got {cfg.mean} {cfg.std}"
+        )
 
 
 @contextlib.contextmanager
@@ -138,13 +149,15 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         )
 
         def make_images(out, task=task):
-            return offline_data.write_images(
-                datasets_u[task].file("dataset"), image_size, out
-            )
+            return offline_data.write_images(datasets_u[task].file("dataset"), image_size, out)
 
         images_u[task] = cache.unit(
             "offline_images",
-            {"code": CODE_VERSIONS["images"], "dataset": datasets_u[task].key, "image_size": image_size},
+            {
+                "code": CODE_VERSIONS["images"],
+                "dataset": datasets_u[task].key,
+                "image_size": image_size,
+            },
             make_images,
         )
 
@@ -161,8 +174,14 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         save_state(
             out / "pretrained.safetensors",
             state,
-            {"suite": "offline", "role": "pretrained", "model_config": model_config,
-             "pretrain": _plain(cfg.pretrain), "tasks": tasks, "stats": stats},
+            {
+                "suite": "offline",
+                "role": "pretrained",
+                "model_config": model_config,
+                "pretrain": _plain(cfg.pretrain),
+                "tasks": tasks,
+                "stats": stats,
+            },
         )
         return stats
 
@@ -191,12 +210,18 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         for t in tasks:
             x, y = split(t, "train")
             feats = offline_train.encode(visual, x, mean, std)
-            heads[t] = offline_train.class_prototypes(feats, torch.from_numpy(y), len(classnames[t]))
+            heads[t] = offline_train.class_prototypes(
+                feats, torch.from_numpy(y), len(classnames[t])
+            )
         save_state(
             out / "heads.safetensors",
             heads,
-            {"suite": "offline", "role": "heads", "kind": "class prototypes of the pretrained "
-             "encoder on the train split", "classnames": classnames},
+            {
+                "suite": "offline",
+                "role": "heads",
+                "kind": "class prototypes of the pretrained encoder on the train split",
+                "classnames": classnames,
+            },
         )
 
     heads_u = cache.unit(
@@ -232,8 +257,15 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
             save_state(
                 out / "expert.safetensors",
                 state,
-                {"suite": "offline", "role": "expert", "task": task, "model_config": model_config,
-                 "finetune": _plain(cfg.finetune), "logit_scale": logit_scale, "stats": stats},
+                {
+                    "suite": "offline",
+                    "role": "expert",
+                    "task": task,
+                    "model_config": model_config,
+                    "finetune": _plain(cfg.finetune),
+                    "logit_scale": logit_scale,
+                    "stats": stats,
+                },
             )
             return stats
 
@@ -268,8 +300,7 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         "pretrain_stats": manifests["pretrained"]["extra"],
         "expert_stats": {t: manifests[f"expert/{t}"]["extra"] for t in tasks},
     }
-    log.info("offline suite ready in %.2f s (key %s)", time.perf_counter() - t0, "…")
-    return Suite(
+    suite = Suite(
         name=str(cfg.name),
         tasks=tasks,
         classnames=classnames,
@@ -284,3 +315,11 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         key=stable_hash({"suite": "offline", "units": {n: u.key for n, u in units.items()}}),
         info=info,
     )
+    computed = [name for name, u in units.items() if u.computed]
+    log.info(
+        "offline suite %s ready in %.2f s (%s)",
+        suite.key,
+        time.perf_counter() - t0,
+        f"built {', '.join(computed)}" if computed else "all cached",
+    )
+    return suite

@@ -111,7 +111,10 @@ SOURCES: dict[str, Source] = {
         load_animals,
     ),
     "digits": Source(
-        "UCI optical digits, sklearn.datasets.load_digits()", "scikit-learn", _DIGIT_NAMES, load_digits
+        "UCI optical digits, sklearn.datasets.load_digits()",
+        "scikit-learn",
+        _DIGIT_NAMES,
+        load_digits,
     ),
     "faces": Source(
         "LFW subset, skimage.data.lfw_subset()", "scikit-image", ("face", "non-face"), load_faces
@@ -204,7 +207,9 @@ def resize_greyscale(images: np.ndarray, size: int) -> np.ndarray:
         raise ValueError(f"expected greyscale images (N, h, w); got shape {images.shape}")
     x = torch.from_numpy(np.ascontiguousarray(images)).float().unsqueeze(1)
     if x.shape[-2:] != (size, size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(size, size), mode="bicubic", align_corners=False
+        )
     x = x.round_().clamp_(0, 255).to(torch.uint8)
     return x.expand(-1, 3, -1, -1).contiguous().numpy()
 

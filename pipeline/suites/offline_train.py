@@ -158,9 +158,9 @@ def pretrain(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return _state(visual), {"loss_first": losses[0], "loss_last_10": float(np.mean(losses[-10:]))}
 
 
@@ -176,7 +176,7 @@ def encode(
     """Embeddings (N, D) float32 of uint8 (N, 3, H, W) images, in eval mode."""
     visual.eval()
     out = [
-        visual(normalize_images(torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size])), mean, std))
+        visual(normalize_images(torch.from_numpy(np.array(images[i : i + batch_size])), mean, std))
         for i in range(0, len(images), batch_size)
     ]
     return torch.cat(out)
@@ -238,12 +238,12 @@ def finetune(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step >= steps - 20:
             correct += int((logits.argmax(-1) == y_all[idx]).sum())
             seen += len(idx)
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     stats = {
         "loss_first": losses[0],
         "loss_last_10": float(np.mean(losses[-10:])),
