@@ -95,7 +95,7 @@ def kth_largest_magnitude(
     count_above, kept, kept_n = 0, [], 0
     for _, fn in parts:
         a = fn(None)
-        count_above += int((a > hi).sum())
+        count_above += int(torch.count_nonzero(a > hi))
         sel = a[(a >= lo) & (a <= hi)]
         kept_n += sel.numel()
         if kept_n > limit:
@@ -153,12 +153,26 @@ def _trim_elect(taus: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Ten
     return trimmed, agree
 
 
-def _disjoint(trimmed: torch.Tensor, agree: torch.Tensor, merge: str) -> torch.Tensor:
-    kept = trimmed * agree
-    total = kept.sum(dim=0)
+def _trimmed_disjoint_merge(taus: torch.Tensor, thresholds: torch.Tensor, merge: str) -> torch.Tensor:
+    """Trim (in place), elect and disjoint-merge one tensor's stacked task vectors (T, n).
+
+    With P = sum of the positive trimmed values and N = sum of the negative ones, the
+    elected sign is sign(P + N) and the agreeing values sum to P (sign +), N (sign -) or
+    nothing (sign 0); "mean" divides by the number of agreeing values. Same result as
+    masking with ``_trim_elect``, with fewer passes over the (T, n) block.
+    """
+    trimmed = taus.masked_fill_(taus.abs() < thresholds[:, None], 0)
+    pos = trimmed.clamp(min=0).sum(dim=0)
+    neg = trimmed.clamp(max=0).sum(dim=0)
+    total = pos + neg
+    zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
+    merged = torch.where(total > 0, pos, torch.where(total < 0, neg, zero))
     if merge == "mean":
-        total = total / agree.sum(dim=0).clamp_(min=1)
-    return total
+        n_pos = torch.count_nonzero(trimmed > 0, dim=0)
+        n_neg = torch.count_nonzero(trimmed < 0, dim=0)
+        count = torch.where(total > 0, n_pos, torch.where(total < 0, n_neg, 1))
+        merged = merged / count.clamp_(min=1)
+    return merged
 
 
 def ties(
@@ -187,8 +201,9 @@ def ties(
         acc = accumulation_dtype(ref.dtype)
         base = ref.reshape(-1).to(acc)
         taus = torch.stack([e[key].reshape(-1).to(acc) for e in experts]).sub_(base)
-        trimmed, agree = _trim_elect(taus, thresholds.to(device=taus.device, dtype=acc))
-        merged = _disjoint(trimmed, agree, merge).mul_(scale).add_(base)
+        merged = _trimmed_disjoint_merge(taus, thresholds.to(device=taus.device, dtype=acc), merge)
+        del taus
+        merged = merged.mul_(scale).add_(base)
         out[key] = merged.reshape(ref.shape).to(ref.dtype)
     return out
 
