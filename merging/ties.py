@@ -153,7 +153,9 @@ def _trim_elect(taus: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Ten
     return trimmed, agree
 
 
-def _trimmed_disjoint_merge(taus: torch.Tensor, thresholds: torch.Tensor, merge: str) -> torch.Tensor:
+def _trimmed_disjoint_merge(
+    taus: torch.Tensor, thresholds: torch.Tensor, merge: str
+) -> torch.Tensor:
     """Trim (in place), elect and disjoint-merge one tensor's stacked task vectors (T, n).
 
     With P = sum of the positive trimmed values and N = sum of the negative ones, the
