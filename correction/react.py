@@ -175,7 +175,7 @@ def procrustes(cross: torch.Tensor) -> torch.Tensor:
 class TaskStatistics:
     """Sufficient statistics of one task (all (D, D) tensors are float64).
 
-    gram:  G = M M^T / n (reduction "mean") or M M^T ("sum")
+    gram:  G = M M^T / n (reduction "mean") or M M^T ("sum"); symmetric
     cross: S = E M^T / n or E M^T
     omega: the Procrustes rotation of ``cross`` (see :func:`procrustes`)
     n: number of calibration samples; beta, reduction, normalize_features: the fitting
@@ -348,9 +348,8 @@ def task_statistics(
 class StackedStatistics:
     """T tasks' statistics stacked as (T, D, D) float64 tensors, for fast preference sweeps.
 
-    ``system`` holds [A_t, C_t] = [S_t + beta Omega_t, G_t + beta I] as one (T, 2, D, D)
-    tensor, so the preference combination of P preferences is a single (P, T) x (T, 2 D^2)
-    matrix product.
+    ``numerator`` holds A_t = S_t + beta Omega_t and ``system`` C_t = G_t + beta I, each
+    contiguous, so that combining P preferences is one (P, T) x (T, D^2) product per matrix.
     """
 
     gram: torch.Tensor
@@ -362,6 +361,7 @@ class StackedStatistics:
     normalize_features: bool
     dtype: torch.dtype
     names: tuple[str | None, ...]
+    numerator: torch.Tensor = field(repr=False)
     system: torch.Tensor = field(repr=False)
     _task_maps: dict = field(default_factory=dict, repr=False)
 
@@ -380,11 +380,11 @@ class StackedStatistics:
     def label(self, t: int) -> str:
         return repr(self.names[t]) if self.names[t] is not None else str(t)
 
-    def system_for(self, beta: float) -> torch.Tensor:
-        """[A_t, C_t] for ``beta`` as (T, 2, D, D) (the cached one for the stored beta)."""
+    def terms(self, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_t, C_t) for ``beta`` as two (T, D, D) tensors (cached for the stored beta)."""
         if beta == self.beta:
-            return self.system
-        return _build_system(self.gram, self.cross, self.omega, beta)
+            return self.numerator, self.system
+        return _build_terms(self.gram, self.cross, self.omega, beta)
 
     def task_maps(self, beta: float, solve_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """W_t for every task as (T, D, D) float64 (cached per beta)."""
@@ -393,29 +393,24 @@ class StackedStatistics:
             if math.isinf(beta):
                 maps = self.omega
             else:
-                sys = self.system_for(beta)
+                A, C = self.terms(beta)
                 maps = _solve_right(
-                    sys[:, 0],
-                    sys[:, 1],
+                    A,
+                    C,
                     beta=beta,
                     solve_dtype=solve_dtype,
                     what=lambda i: f"task {self.label(i)}",
-                )
+                ).to(torch.float64)
             self._task_maps[key] = maps
         return self._task_maps[key]
 
 
-def _build_system(gram, cross, omega, beta: float) -> torch.Tensor:
-    T, D = gram.shape[0], gram.shape[-1]
-    system = torch.empty(T, 2, D, D, dtype=torch.float64, device=gram.device)
-    if math.isinf(beta):  # unused by the solver; keep finite values
-        system[:, 0] = omega
-        system[:, 1] = torch.eye(D, dtype=torch.float64, device=gram.device)
-        return system
-    torch.add(cross, omega, alpha=beta, out=system[:, 0])
-    system[:, 1] = gram
-    system[:, 1].diagonal(dim1=-2, dim2=-1).add_(beta)
-    return system
+def _build_terms(gram, cross, omega, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = S + beta Omega and C = G + beta I (beta=inf: Omega and I, unused by the solver)."""
+    eye = torch.eye(gram.shape[-1], dtype=torch.float64, device=gram.device)
+    if math.isinf(beta):
+        return omega.clone(), eye.expand_as(gram).clone()
+    return cross + beta * omega, gram + beta * eye
 
 
 def stack_statistics(stats: Sequence[TaskStatistics]) -> StackedStatistics:
@@ -451,11 +446,13 @@ def stack_statistics(stats: Sequence[TaskStatistics]) -> StackedStatistics:
             if not bool(torch.isfinite(getattr(s, what)).all()):
                 raise ValueError(f"{lab(i)}: {what} contains non-finite values (NaN or inf)")
     gram = torch.stack([s.gram for s in stats])
+    gram = 0.5 * (gram + gram.mT)  # exactly symmetric: the solver reads one triangle
     cross = torch.stack([s.cross for s in stats])
     omega = torch.stack([s.omega for s in stats])
     dtype = first.dtype
     for s in stats[1:]:
         dtype = torch.promote_types(dtype, s.dtype)
+    numerator, system = _build_terms(gram, cross, omega, first.beta)
     return StackedStatistics(
         gram=gram,
         cross=cross,
@@ -466,7 +463,8 @@ def stack_statistics(stats: Sequence[TaskStatistics]) -> StackedStatistics:
         normalize_features=first.normalize_features,
         dtype=dtype,
         names=tuple(s.name for s in stats),
-        system=_build_system(gram, cross, omega, first.beta),
+        numerator=numerator,
+        system=system,
     )
 
 
@@ -481,17 +479,19 @@ def _solve_right(
     solve_dtype: torch.dtype = torch.float64,
     what=lambda i: f"preference {i}",
 ) -> torch.Tensor:
-    """W = A C^-1 for batches of (B, D, D) A and symmetric PSD C, as float64 or solve_dtype.
+    """W = A C^-1 for contiguous (B, D, D) A and exactly symmetric PSD C, in solve_dtype.
 
-    Solves C W^T = A^T with a batched Cholesky factorisation. Matrices whose Cholesky fails,
-    or (beta == 0) whose pivots show numerical singularity, fall back to the pseudo-inverse
-    A C^+ in float64 with a warning.
+    Solves C W^T = A^T with a batched Cholesky factorisation; C is passed transposed (equal,
+    since symmetric) so LAPACK's column-major layout needs no extra copy, and A^T is A's
+    column-major view. Matrices whose Cholesky fails, or (beta == 0) whose pivots show
+    numerical singularity, fall back to the pseudo-inverse A C^+ in float64 with a warning.
+    Returns a row-major (B, D, D) tensor (float64 where a fallback was used).
     """
     D = C.shape[-1]
     Cs = C if C.dtype == solve_dtype else C.to(solve_dtype)
     As = A if A.dtype == solve_dtype else A.to(solve_dtype)
-    L, info = torch.linalg.cholesky_ex(Cs)
-    W = torch.cholesky_solve(As.mT, L).mT
+    L, info = torch.linalg.cholesky_ex(Cs.mT)
+    W = torch.cholesky_solve(As.mT, L).mT  # column-major X = C^-1 A^T, so X^T is row-major
     bad = info != 0
     if beta == 0:
         piv = L.diagonal(dim1=-2, dim2=-1).square()
@@ -538,11 +538,12 @@ def task_map(
     out = dtype or stats.dtype
     if math.isinf(b):
         return stats.omega.to(out)
-    system = _build_system(stats.gram[None], stats.cross[None], stats.omega[None], b)
+    gram = 0.5 * (stats.gram + stats.gram.mT)
+    A, C = _build_terms(gram[None], stats.cross[None], stats.omega[None], b)
     name = stats.name
     W = _solve_right(
-        system[:, 0],
-        system[:, 1],
+        A,
+        C,
         beta=b,
         solve_dtype=solve_dtype,
         what=lambda i: f"task {name!r}" if name else "the task",
@@ -645,7 +646,7 @@ def preference_map(
         if not stats:
             raise ValueError("empty statistics list: give one TaskStatistics per task")
         T = len(stats)
-        device = stats[0].device if isinstance(stats[0], TaskStatistics) else None
+        device = stats[0].device if isinstance(stats[0], TaskStatistics) else "cpu"
     P, single = _check_preferences(p, T, normalize, device)
     st = stack_statistics(stats)
     b = st.beta if beta is None else _check_beta(beta)
@@ -660,20 +661,24 @@ def preference_map(
         W = W.to(out_dtype)
         return W[0] if single else W
 
-    system = st.system_for(b).reshape(T, 2 * D * D)
+    numerator, system = (x.reshape(T, D * D) for x in st.terms(b))
     n_pref = P.shape[0]
-    chunk = int(chunk_size) if chunk_size is not None else _chunk_size(D, st.device)
+    chunk = min(n_pref, int(chunk_size) if chunk_size is not None else _chunk_size(D, st.device))
     out = torch.empty(n_pref, D, D, dtype=out_dtype, device=st.device)
+    # workspaces reused by every chunk: A_p = sum_t p_t A_t and C_p = sum_t p_t C_t
+    A_buf = torch.empty(chunk, D * D, dtype=torch.float64, device=st.device)
+    C_buf = torch.empty(chunk, D * D, dtype=torch.float64, device=st.device)
     for s in range(0, n_pref, chunk):
-        combined = (P[s : s + chunk] @ system).reshape(-1, 2, D, D)
-        W = _solve_right(
-            combined[:, 0],
-            combined[:, 1],
+        p = P[s : s + chunk]
+        k = p.shape[0]
+        A, C = torch.mm(p, numerator, out=A_buf[:k]), torch.mm(p, system, out=C_buf[:k])
+        out[s : s + k] = _solve_right(
+            A.view(k, D, D),
+            C.view(k, D, D),
             beta=b,
             solve_dtype=solve_dtype,
             what=lambda i, s=s: f"preference {s + i}",
         )
-        out[s : s + chunk] = W
     return out[0] if single else out
 
 
