@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 import torch
 from omegaconf import OmegaConf
@@ -84,6 +87,11 @@ def main() -> None:
         f"\nsuite key {suite.key}; build/load {t_build:.1f} s; computed units: {computed or 'none'}"
     )
     print(f"split sizes: {suite.info['split_sizes']}\n")
+    secs = suite.info["build_seconds"]
+    print("| unit | seconds to build (when it was built) |\n|---|---|")
+    for name, sec in secs.items():
+        print(f"| {name} | {sec:.1f} |")
+    print(f"| **all units** | {sum(secs.values()):.1f} |\n")
     print(
         f"| task | classes | chance | pretrained | expert | TA (lam={args.lam}) | TA + linear corr. |"
     )
