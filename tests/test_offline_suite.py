@@ -289,3 +289,37 @@ def test_bad_config_is_rejected_before_work(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         offline_mod.build(cfg, cache, progress=False)
     assert cache.events == []
+
+
+# ------------------------------------------------------------------------ training pieces
+def test_nt_xent_matches_a_per_sample_loop():
+    from pipeline.suites.offline_train import nt_xent
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = (
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+        torch.randn(5, 3, generator=g, dtype=torch.float64),
+    )
+    t = 0.3
+    z = [v / v.norm() for v in torch.cat([z1, z2])]
+    losses = []
+    for i in range(10):
+        j = (i + 5) % 10
+        denom = sum(torch.exp(z[i] @ z[k] / t) for k in range(10) if k != i)
+        losses.append(-torch.log(torch.exp(z[i] @ z[j] / t) / denom))
+    torch.testing.assert_close(nt_xent(z1, z2, t), torch.stack(losses).mean())
+
+
+def test_augment_identity_and_shift():
+    from pipeline.suites.offline_train import augment
+
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    none = OmegaConf.create({"rotate_deg": 0, "scale": [1, 1], "translate": 0, "jitter": 0})
+    torch.testing.assert_close(augment(x, torch.Generator(), none), x, atol=1e-6, rtol=0)
+    # with rotation, scaling and jitter on: values stay in [0, 1] and the draw is seeded
+    aug = OmegaConf.create({"rotate_deg": 30, "scale": [0.7, 1.1], "translate": 0.2, "jitter": 0.5})
+    a = augment(x, torch.Generator().manual_seed(1), aug)
+    b = augment(x, torch.Generator().manual_seed(1), aug)
+    c = augment(x, torch.Generator().manual_seed(2), aug)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    assert a.min() >= 0 and a.max() <= 1
