@@ -323,3 +323,10 @@ def test_augment_identity_and_shift():
     c = augment(x, torch.Generator().manual_seed(2), aug)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     assert a.min() >= 0 and a.max() <= 1
+
+
+def test_validate_accepts_the_offline_backbone_only():
+    offline_mod.validate(tiny_cfg(), OmegaConf.create({"name": "offline"}))
+    offline_mod.validate(tiny_cfg())
+    with pytest.raises(ValueError, match="backbone=offline"):
+        offline_mod.validate(tiny_cfg(), OmegaConf.create({"name": "vit_b32"}))

@@ -50,8 +50,17 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ValueError naming the bad key before any expensive work."""
+def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
+    """Raise ValueError naming the bad key before any expensive work.
+
+    ``backbone`` (the pipeline's backbone config node, optional): the offline suite trains
+    its own ViT, so only ``backbone=offline`` is meaningful with it.
+    """
+    if backbone is not None and backbone.get("name", "offline") != "offline":
+        raise ValueError(
+            f"suite=offline trains its own small ViT and cannot use backbone="
+            f"{backbone.get('name')!r}; use backbone=offline (or suite=paper8 for real CLIP)"
+        )
     tasks = list(cfg.tasks)
     if not tasks:
         raise ValueError("suite.tasks is empty; list some of " + str(sorted(offline_data.SOURCES)))
