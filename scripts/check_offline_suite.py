@@ -5,7 +5,9 @@ encoder with the frozen prototype heads ("zero-shot"), each expert on its own ta
 Task Arithmetic merge theta_0 + lam * sum_k (theta_k - theta_0), and that merge with a
 per-task linear correction of its embeddings toward the expert's, W_t = argmin_W
 ||M_t W - E_t||_F^2 (least squares on the task's unlabeled val split; rows are samples),
-applied as z' = z W_t. Accuracy in %.
+applied as z' = z W_t, and with one shared correction for all tasks (equal weights),
+W = (sum_t M_t^T M_t / n_t)^+ (sum_t M_t^T E_t / n_t), the unregularised (beta = 0)
+equal-preference ReACT map written inline. Accuracy in %.
 
     .venv/bin/python scripts/check_offline_suite.py [--config configs/suite/offline.yaml]
         [--cache .cache] [--threads 2] [--lam 0.3] [key=value overrides ...]
@@ -71,7 +73,7 @@ def main() -> None:
         x, _ = suite.split(task, split)
         return encode(visual, x, suite.mean, suite.std)
 
-    rows = []
+    rows, stats = [], {}
     for task, expert in zip(suite.tasks, experts, strict=True):
         _, y = suite.split(task, "test")
         h, s = heads[task], suite.logit_scale
@@ -79,9 +81,18 @@ def main() -> None:
         exp = accuracy(feats(expert, task, "test"), h, y, s)
         m_test = feats(merged, task, "test")
         ta = accuracy(m_test, h, y, s)
-        w = torch.linalg.lstsq(feats(merged, task, "val"), feats(expert, task, "val")).solution
-        corr = accuracy(m_test @ w, h, y, s)
-        rows.append((task, len(heads[task]), pre, exp, ta, corr))
+        m_val, e_val = feats(merged, task, "val").double(), feats(expert, task, "val").double()
+        w = torch.linalg.lstsq(m_val, e_val).solution
+        corr = accuracy((m_test.double() @ w).float(), h, y, s)
+        stats[task] = (m_val.T @ m_val / len(m_val), m_val.T @ e_val / len(m_val), m_test)
+        rows.append([task, len(heads[task]), pre, exp, ta, corr])
+    w_shared = torch.linalg.pinv(sum(g for g, _, _ in stats.values())) @ sum(
+        c for _, c, _ in stats.values()
+    )
+    for row in rows:
+        task = row[0]
+        z = (stats[task][2].double() @ w_shared).float()
+        row.append(accuracy(z, heads[task], suite.split(task, "test")[1], suite.logit_scale))
 
     print(
         f"\nsuite key {suite.key}; build/load {t_build:.1f} s; computed units: {computed or 'none'}"
@@ -93,16 +104,15 @@ def main() -> None:
         print(f"| {name} | {sec:.1f} |")
     print(f"| **all units** | {sum(secs.values()):.1f} |\n")
     print(
-        f"| task | classes | chance | pretrained | expert | TA (lam={args.lam}) | TA + linear corr. |"
+        f"| task | classes | chance | pretrained | expert | TA (lam={args.lam}) "
+        "| TA + per-task linear corr. | TA + shared linear corr. |"
     )
-    print("|---|---|---|---|---|---|---|")
-    for task, c, pre, exp, ta, corr in rows:
-        print(f"| {task} | {c} | {100 / c:.1f} | {pre:.1f} | {exp:.1f} | {ta:.1f} | {corr:.1f} |")
-    avg = [sum(r[i] for r in rows) / len(rows) for i in range(2, 6)]
+    print("|---|---|---|---|---|---|---|---|")
+    for task, c, *acc in rows:
+        print(f"| {task} | {c} | {100 / c:.1f} | " + " | ".join(f"{a:.1f}" for a in acc) + " |")
+    avg = [sum(r[i] for r in rows) / len(rows) for i in range(2, 7)]
     chance = sum(100 / r[1] for r in rows) / len(rows)
-    print(
-        f"| **average** | | {chance:.1f} | {avg[0]:.1f} | {avg[1]:.1f} | {avg[2]:.1f} | {avg[3]:.1f} |"
-    )
+    print(f"| **average** | | {chance:.1f} | " + " | ".join(f"{a:.1f}" for a in avg) + " |")
 
 
 if __name__ == "__main__":
