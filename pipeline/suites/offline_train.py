@@ -19,7 +19,8 @@ CLIP experts are fine-tuned under frozen zero-shot heads.
 
 Determinism: model init under ``torch.manual_seed(seed)``, and every random draw (batch
 indices, augmentations) from a ``torch.Generator`` seeded from the config, so one config
-gives byte-identical weights on one machine and thread count.
+gives bit-identical weights on one machine and thread count (the safetensors files can
+differ in bytes only because safetensors writes metadata keys in hash-map order).
 """
 
 from __future__ import annotations
