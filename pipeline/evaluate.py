@@ -119,11 +119,12 @@ def front_metrics(results: pd.DataFrame, sets: dict[str, np.ndarray], tasks: lis
                 continue
             pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[cols].to_numpy()
             p = sets[set_name][:, [tasks.index(c) for c in cols]]
-            keep = p.sum(1) > 0
             hv = evaluation.hypervolume(pts, **hv_kw)
+            u = evaluation.uniformity(p, pts)
+            a = evaluation.preference_alignment(p, pts)
             rows += [
                 (method, subset, "hypervolume", 100 * float(hv.value), hv.method, len(pts)),
-                (method, subset, "uniformity", float(evaluation.uniformity(p[keep], pts[keep])), "PHN-style (method.md 5a)", int(keep.sum())),
-                (method, subset, "preference_alignment", float(evaluation.preference_alignment(p[keep], pts[keep])), "mean Pearson(p, norm. acc) (method.md 5b)", int(keep.sum())),
+                (method, subset, "uniformity", float(u), "PHN-style (method.md 5a)", int(u.n_used)),
+                (method, subset, "preference_alignment", float(a), "mean Pearson(p, norm. acc) (method.md 5b)", int(a.n_used)),
             ]
     return pd.DataFrame(rows, columns=["method", "subset", "metric", "value", "how", "n_points"])

@@ -108,21 +108,37 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     return summary
 
 
-def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
+def load_suite(cfg: DictConfig, cache: Cache):
+    """Stage prepare: build (or load from ``cache``) the suite of ``cfg``."""
+    return build_suite(cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg), cache, progress=cfg.progress)
+
+
+def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=None) -> Context:
+    """Stages prepare and merge: the built suite, the calibration subsets and the merged model.
+
+    Everything later (features, fit, sweep) reads from the returned ``Context``; scripts
+    (t-SNE, cost curves) start here too. ``suite``: an already built suite (e.g. a task
+    subset of one, ``scripts/cost_vs_tasks.py``) instead of building ``cfg.suite``.
+    """
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    # ---- prepare
-    suite = build_suite(cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg), cache, progress=cfg.progress)
+    if suite is None:
+        suite = load_suite(cfg, cache)
     timings["prepare"] = time.perf_counter() - t
     ctx = Context(cfg, cache, suite, device, progress=cfg.progress, timings=timings)
-    tasks, tasks3 = suite.tasks, resolve_tasks3(suite.tasks, cfg.tasks3)
-    sets = preference_sets(cfg.preferences, tasks, tasks3)
     ctx.calibration = calibration_indices(suite, cfg.calibration)
-    # ---- merge
     with ctx.timed("merge"):
         merge_unit = run_merge(cfg.merge, suite, cache, device, progress=cfg.progress)
         merged_state = load_merged(merge_unit)
         ctx.merged = ModelRef(f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state)
+    return ctx
+
+
+def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
+    ctx = prepare_context(cfg, cache, device)
+    timings, suite = ctx.timings, ctx.suite
+    tasks, tasks3 = suite.tasks, resolve_tasks3(suite.tasks, cfg.tasks3)
+    sets = preference_sets(cfg.preferences, tasks, tasks3)
     # ---- features of the fixed models (pretrained, merged, experts) on the test splits
     with ctx.timed("features"):
         heads = suite.heads()
@@ -272,8 +288,10 @@ def _flat_metrics(summary: dict) -> dict:
 
 
 def _with_backbone(cfg):
-    node = OmegaConf.merge(cfg.suite, {"backbone": cfg.backbone})
-    return node
+    """The suite config with the backbone inside (paper8 builds per backbone)."""
+    return OmegaConf.create(
+        {**OmegaConf.to_container(cfg.suite, resolve=True), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)}
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -281,6 +299,8 @@ def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
 
     logging.basicConfig(level=logging.INFO)
+    for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run(cfg, run_dir)
     _print_summary(summary, run_dir)
