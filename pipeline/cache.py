@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,9 @@ class Cache:
                 return hit
             final = self.unit_dir(stage, key)
             tmp = stage_dir / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            tmp.mkdir()
             t0 = time.perf_counter()
             try:
+                tmp.mkdir()  # inside the try: a full disk can fail here too
                 extra = compute(tmp) or {}
                 files = {
                     str(p.relative_to(tmp)): file_sha256(p)
@@ -214,11 +214,19 @@ class Cache:
         return json.loads((unit.path / MANIFEST).read_text())
 
     def sweep_tmp(self) -> int:
-        """Remove leftovers of killed writers. Returns how many were removed."""
+        """Remove leftovers of killed writers. Returns how many were removed.
+
+        A writer holds its unit's lock for the whole life of its ``.tmp-<key>-<pid>-*``
+        folder, so a folder is kept while its pid is alive here or its lock is held (a writer
+        on another node sharing the cache, whose pid means nothing on this one).
+        """
         n = 0
         for tmp in self.root.glob("*/.tmp-*"):
-            pid = tmp.name.split("-")[2] if tmp.name.count("-") >= 3 else ""
+            parts = tmp.name.split("-")
+            pid = parts[2] if len(parts) >= 4 else ""
             if pid.isdigit() and _pid_alive(int(pid)):
+                continue
+            if len(parts) >= 4 and not _lock_free(tmp.parent / f"{parts[1]}.lock"):
                 continue
             shutil.rmtree(tmp, ignore_errors=True)
             n += 1
@@ -242,6 +250,15 @@ def _fault_injection(stage: str) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _lock_free(path: Path) -> bool:
+    """True when no process (on any host sharing the folder) holds the file lock ``path``."""
+    try:
+        with FileLock(str(path), blocking=False):
+            return True
+    except Timeout:
+        return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -447,6 +447,26 @@ def load_task_vectors_visual(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ====================================================================== local state dicts
+def load_torch_weights(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: the one ``torch.load`` of the project.
+
+    A file that needs more than tensors and containers (a pickled module, or code such as
+    ``os.system``) is refused before anything in it runs; the error names the file and the
+    refused global, and does not suggest ``weights_only=False``.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        raise pickle.UnpicklingError(
+            f"{path} is not a plain state dict: torch.load(weights_only=True) refused it ({reason}). "
+            "Loading it with weights_only=False could run code from the file; do that only for a file "
+            "you trust. A task-vectors whole-module checkpoint: use experts.source=task_vectors or "
+            "convert it with scripts/convert_task_vectors.py."
+        ) from e
+
+
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Image-tower state dict from a safetensors file or a ``torch.save``d state dict.
 
@@ -460,14 +480,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise pickle.UnpicklingError(
-                f"{path} is not a plain state dict (torch.load(weights_only=True) refused it: "
-                f"{str(e).splitlines()[0]}). If it is a task-vectors whole-module checkpoint, use "
-                "experts.source=task_vectors or convert it with scripts/convert_task_vectors.py."
-            ) from e
+        state = load_torch_weights(path)
         if isinstance(state, Mapping) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, Mapping):

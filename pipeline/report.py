@@ -66,6 +66,8 @@ def markdown_report(summary: dict, scenarios: pd.DataFrame, fronts: pd.DataFrame
         "",
         f"Command: `{command}`",
         "",
+        f"Seed: {summary['seed']} (calibration subset seed {summary['calibration']['seed']})",
+        "",
         f"Calibration: {summary['calibration']['note']}",
         "",
         "## Accuracy (%) per task",

@@ -38,9 +38,10 @@ class Tracker:
             reinit="finish_previous",
         )
         modes = [cfg.mode] + (["offline"] if cfg.mode == "online" else [])
+        init_timeout = float(cfg.get("init_timeout", 30))  # seconds W&B may take to answer
         for mode in modes:
             try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=30), **kwargs)
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
                 self.mode = mode
                 break
             except Exception as e:  # noqa: BLE001 - W&B must never fail the run

@@ -187,7 +187,7 @@ def _load_state(path: str) -> dict[str, torch.Tensor]:
 
         state = load_file(path)
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = ckpt.load_torch_weights(path)
         state = state.get("state_dict", state)
     return {k.removeprefix("module."): v for k, v in state.items()}
 
