@@ -52,7 +52,9 @@ format: venv
 clean-cache:
 	rm -rf outputs/cache
 
-# ---- paper reproductions: each is one Hydra experiment config (configs/experiment/)
+# ---- paper reproductions: each is one Hydra experiment config (configs/experiment/); the
+# sweeps (table1, ablation-*) set hydra.mode: MULTIRUN there (a --multirun flag after the
+# overrides of $(RUN) would be rejected by Hydra's argument parser)
 table1: venv
 	$(RUN) experiment=table1 $(ARGS)
 table2: venv
@@ -64,11 +66,11 @@ fig-simplex: venv
 fig-cost: venv
 	$(PY) scripts/cost_vs_tasks.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
 ablation-beta: venv
-	$(RUN) --multirun experiment=ablation_beta $(ARGS)
+	$(RUN) experiment=ablation_beta $(ARGS)
 ablation-data: venv
-	$(RUN) --multirun experiment=ablation_data $(ARGS)
+	$(RUN) experiment=ablation_data $(ARGS)
 ablation-aggregation: venv
-	$(RUN) --multirun experiment=ablation_aggregation $(ARGS)
+	$(RUN) experiment=ablation_aggregation $(ARGS)
 tsne: venv
 	$(PY) scripts/tsne.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
 compare: venv

@@ -49,8 +49,8 @@ def validate_config(cfg: DictConfig) -> None:
     calibration_split(cfg.calibration.source)
     calibration_count(cfg.calibration.size, sys.maxsize)  # type and range; the split size comes later
     c = cfg.correction
-    if c.beta < 0:
-        raise ValueError(f"correction.beta must be >= 0 (or .inf), got {c.beta}")
+    if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
+        raise ValueError(f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}")
     if c.aggregation not in ("closed_form", "naive", "polar"):
         raise ValueError(f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}")
     if c.reduction not in ("mean", "sum"):

@@ -79,7 +79,7 @@ def markdown_report(summary: dict, scenarios: pd.DataFrame, fronts: pd.DataFrame
         acc = {r.task: r.accuracy for r in df.itertuples()}
         cells = [f"{100 * acc[t]:.1f}" if t in acc else "" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * df.accuracy.mean():.1f} |")
-    for (method, scenario), df in scenarios.groupby(["method", "scenario"], sort=False):
+    for (method, scenario), df in (scenarios.groupby(["method", "scenario"], sort=False) if not scenarios.empty else ()):
         acc = {r.task: r.accuracy for r in df.itertuples()}
         cells = [f"{100 * acc[t]:.1f}" for t in tasks]
         lines.append(f"| {method} ({scenario}) | " + " | ".join(cells) + f" | {100 * acc['average']:.1f} |")
