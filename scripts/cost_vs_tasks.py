@@ -4,7 +4,8 @@
         [--n-prefs 1000] [--repeats 1] [--query-budget 20] [--out DIR]
 
 Any argument of the form ``key=value`` is a Hydra override of ``configs/config.yaml`` (as for
-``python -m pipeline.main``); ``--...`` flags belong to this script.
+``python -m pipeline.main``); ``--...`` flags belong to this script. On a CPU shared
+with other jobs, ``num_threads=1`` gives steadier (and there, faster) timings.
 
 For T = 2 .. len(suite.tasks), the first T tasks of the built suite form a sub-suite and the
 pipeline's own stages run on it **in a fresh, empty cache folder** (deleted afterwards), so
