@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shlex
 import sys
 import time
@@ -25,12 +24,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import compat  # noqa: F401
 from .cache import Cache, atomic_write_text
-from .evaluate import front_metrics, preference_sets, preferences_frame, resolve_tasks3, scenario_table
+from .evaluate import (
+    front_metrics,
+    preference_sets,
+    preferences_frame,
+    resolve_tasks3,
+    scenario_table,
+)
 from .features import resolve_device
 from .merge import load_merged, run_merge, validate_merge_config
 from .methods import build_method, model_accuracies
 from .report import build_summary, markdown_report, write_summary, write_table
-from .stages import Context, ModelRef, calibration_count, calibration_indices, calibration_split, long_results
+from .stages import (
+    Context,
+    ModelRef,
+    calibration_count,
+    calibration_indices,
+    calibration_split,
+    long_results,
+)
 from .suites import build_suite
 from .tracking import Tracker
 
@@ -78,7 +90,7 @@ def method_cfg(cfg: DictConfig, name: str):
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """Run the whole pipeline for ``cfg``; returns the summary dict."""
     validate_config(cfg)
-    run_dir = Path(run_dir or cfg.paths.output_dir) 
+    run_dir = Path(run_dir or cfg.paths.output_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"

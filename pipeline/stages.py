@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .cache import Cache, Unit, stable_hash
+from .cache import Cache, stable_hash
 from .features import extract_features
 from .suite import Suite
 

@@ -21,7 +21,8 @@ def job_rows(job: Path) -> list[dict]:
     summary = json.loads((job / "summary.json").read_text())
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    swept = ",".join(o for o in overrides if not o.startswith(("experiment=", "suite=", "backbone=")))
+    fixed = ("experiment=", "suite=", "backbone=", "paths.", "progress=", "num_threads=", "logger=", "hydra.")
+    swept = ",".join(o for o in overrides if not o.startswith(fixed))
     base = {"job": job.name, "overrides": swept, "merge": summary["merge"]["name"]}
     rows = []
     for label, d in summary["reference"].items():
