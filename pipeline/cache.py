@@ -154,6 +154,11 @@ class Cache:
         return None
 
     # ------------------------------------------------------------------ main entry
+    @staticmethod
+    def key(stage: str, material: Any) -> str:
+        """The key ``unit(stage, material, ...)`` uses, without touching the cache."""
+        return stable_hash({"stage": stage, "material": material})
+
     def unit(
         self,
         stage: str,
@@ -165,7 +170,7 @@ class Cache:
         ``compute`` writes its files into the directory it is given and may return extra
         JSON metadata to keep in the manifest. The key is ``stable_hash(material)``.
         """
-        key = stable_hash({"stage": stage, "material": material})
+        key = self.key(stage, material)
         hit = self.lookup(stage, key)
         if hit is not None:
             self.events.append((stage, key, "hit"))

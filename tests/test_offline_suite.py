@@ -250,7 +250,6 @@ def test_changing_finetune_steps_rebuilds_only_the_experts(built):
     for stage, _, event in cache.events:
         by_stage.setdefault(stage, set()).add(event)
     assert by_stage == {
-        "offline_dataset": {"hit"},
         "offline_images": {"hit"},
         "offline_pretrained": {"hit"},
         "offline_heads": {"hit"},

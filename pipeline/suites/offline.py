@@ -138,33 +138,29 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
     image_size = int(cfg.model.image_size)
 
     # ---------------------------------------------------------------- data
-    datasets_u: dict[str, Unit] = {}
     images_u: dict[str, Unit] = {}
     for task in tasks:
+        dataset_material = {
+            "code": CODE_VERSIONS["dataset"],
+            "task": task,
+            "source": offline_data.source_version(task),
+            "split": _plain(cfg.split),
+        }
 
         def make_dataset(out, task=task):
             with _datasets_bars(progress):
                 return offline_data.write_dataset(task, cfg.split, out / "dataset")
 
-        datasets_u[task] = cache.unit(
-            "offline_dataset",
-            {
-                "code": CODE_VERSIONS["dataset"],
-                "task": task,
-                "source": offline_data.source_version(task),
-                "split": _plain(cfg.split),
-            },
-            make_dataset,
-        )
-
-        def make_images(out, task=task):
-            return offline_data.write_images(datasets_u[task].file("dataset"), image_size, out)
+        def make_images(out, material=dataset_material, make_dataset=make_dataset):
+            # the raw dataset unit is read (and checksummed) only when images are (re)built
+            dataset = cache.unit("offline_dataset", material, make_dataset)
+            return offline_data.write_images(dataset.file("dataset"), image_size, out)
 
         images_u[task] = cache.unit(
             "offline_images",
             {
                 "code": CODE_VERSIONS["images"],
-                "dataset": datasets_u[task].key,
+                "dataset": cache.key("offline_dataset", dataset_material),
                 "image_size": image_size,
             },
             make_images,
@@ -295,7 +291,6 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
     units = {
         "pretrained": pretrained_u,
         "heads": heads_u,
-        **{f"dataset/{t}": u for t, u in datasets_u.items()},
         **{f"images/{t}": u for t, u in images_u.items()},
         **{f"expert/{t}": u for t, u in expert_u.items()},
     }
