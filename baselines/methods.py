@@ -1,0 +1,265 @@
+"""Pipeline adapters: the baselines as ``pipeline.methods.Method``s (registered on import).
+
+Each offline stage is one cache unit keyed by what determines it (base merge / suite key,
+the baseline's config, the calibration indices), so a second run skips the training and
+only answers preferences. Cost accounting (``Method.cost``): ``offline_seconds`` is the wall
+time of ``fit`` in this run (a cache hit makes it small), ``forward_passes`` counts images
+through the encoder when they were actually computed (training steps, uncached features).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file, save_file
+
+import merging
+from pipeline.cache import stable_hash
+from pipeline.features import accuracy_from_features
+from pipeline.merge import IndexedImages
+from pipeline.methods import Method, model_accuracies, register
+from pipeline.stages import Context, ModelRef, calibration_split
+from pipeline.suite import normalize_images
+
+from . import map as map_lib
+from . import pareto_merging as pm
+from . import surgery as surgery_lib
+
+CODE_VERSION = 1  # bump when a baseline changes its numbers
+
+
+def _cfg(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+
+
+def _calibration(ctx: Context) -> dict:
+    return {t: ctx.calibration[t].tolist() for t in ctx.tasks}
+
+
+class ParetoMerging(Method):
+    """Base merge + preference-conditioned low-rank updates (``baselines.pareto_merging``)."""
+
+    name = "pareto_merging"
+
+    def fit(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        c = self.cfg
+        split = calibration_split(ctx.cfg.calibration.source)
+        material = {
+            "merged": ctx.merged.key,
+            "calibration": _calibration(ctx),
+            "split": split,
+            "cfg": _cfg(c),
+            "device_type": ctx.device.type,  # training is not bit-equal across devices
+            "version": CODE_VERSION,
+        }
+        dev, suite = ctx.device, ctx.suite
+
+        def compute(out: Path):
+            base = ctx.merged.state()
+            heads = suite.heads()
+            images = [
+                IndexedImages(np.ascontiguousarray(suite.split(t, split)[0][ctx.calibration[t]]))
+                for t in ctx.tasks
+            ]
+            factors = pm.init_factors(base, len(ctx.tasks), int(c.rank), seed=int(c.seed))
+            factors = pm.train_factors(
+                base, factors, ctx.visual(), [heads[t] for t in ctx.tasks], images,
+                steps=int(c.steps), lr=float(c.lr), batch_size=int(c.batch_size), logit_scale=suite.logit_scale,
+                prepare=lambda b: normalize_images(b.to(dev), suite.mean, suite.std),
+                seed=int(c.seed), device=dev, progress=ctx.progress,
+            )  # fmt: skip
+            pm.save_factors(out / "factors.safetensors", factors)
+            passes = int(c.steps) * sum(min(int(c.batch_size), len(im)) for im in images)
+            self.cost["forward_passes"] += passes
+            return {
+                "forward_passes": passes,
+                "parameters": factors.num_parameters(),
+                "entropy_first": factors.history[0] if factors.history else None,
+                "entropy_last": factors.history[-1] if factors.history else None,
+            }
+
+        unit = ctx.cache.unit("pareto_merging", material, compute)
+        self.key = unit.key
+        self.factors = pm.load_factors(unit.file("factors.safetensors"))
+        self._offline_passes = self.cost["forward_passes"]
+        self.cost["offline_seconds"] += time.perf_counter() - t0
+
+    def model(self, ctx: Context, p: np.ndarray) -> ModelRef:
+        base = ctx.merged.state()
+        key = f"{self.name}:{self.key}:{stable_hash(np.round(p, 12).tolist())}"
+        return ModelRef(key, self.name, lambda: pm.apply_factors(base, self.factors, p))
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        heads = ctx.suite.heads()
+        out = np.stack([model_accuracies(ctx, self.model(ctx, p), heads) for p in prefs])
+        self.cost["query_seconds"] += time.perf_counter() - t0
+        self.cost["queries"] += len(prefs)
+        self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)
+        return out
+
+
+class MAP(Method):
+    """Quadratic surrogates of Task Arithmetic scalings + NSGA-III front (``baselines.map``)."""
+
+    name = "map"
+    SAMPLE_LABEL = "map (val samples)"
+
+    def fit(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        c = self.cfg
+        material = {"suite": ctx.suite.key, "split": "val", "cfg": _cfg(c), "version": CODE_VERSION}
+        before = ctx.forward_passes.get(self.SAMPLE_LABEL, 0)
+
+        def compute(out: Path):
+            heads = ctx.suite.heads()
+            T = len(ctx.tasks)
+            scalings = map_lib.sample_scalings(T, c.samples, seed=int(c.seed))
+            acc = np.stack(
+                [self._accuracies(ctx, s, "val", heads, self.SAMPLE_LABEL) for s in scalings]
+            )
+            coefs = np.stack(
+                [
+                    map_lib.fit_quadratic(scalings, acc[:, k], how=c.fit, eps=float(c.fit_eps))
+                    for k in range(T)
+                ]
+            )
+            front_x, front_f = map_lib.pareto_front(
+                coefs, pop_size=int(c.pop_size), n_gen=int(c.n_gen), seed=int(c.seed)
+            )
+            tensors = {
+                "scalings": scalings,
+                "val_accuracy": acc,
+                "coefs": coefs,
+                "front_x": front_x,
+                "front_f": front_f,
+            }
+            save_file(
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+                str(out / "map.safetensors"),
+            )
+            fit_rmse = np.sqrt(np.mean((map_lib.predict(coefs, scalings) - acc) ** 2, axis=0))
+            return {
+                "merges_evaluated": len(scalings),
+                "front_points": len(front_x),
+                "fit_rmse": fit_rmse.tolist(),
+            }
+
+        unit = ctx.cache.unit("map", material, compute)
+        saved = {k: v.numpy() for k, v in load_file(str(unit.file("map.safetensors"))).items()}
+        self.front_x, self.front_f = saved["front_x"], saved["front_f"]
+        self._offline_passes = ctx.forward_passes.get(self.SAMPLE_LABEL, 0) - before
+        self.cost["forward_passes"] = self._offline_passes
+        self.cost["offline_seconds"] += time.perf_counter() - t0
+
+    def _accuracies(
+        self, ctx: Context, scaling: np.ndarray, split: str, heads, label: str
+    ) -> np.ndarray:
+        """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (features cached per scaling)."""
+        if not hasattr(self, "_states"):
+            self._states = (ctx.suite.pretrained_state(), ctx.suite.expert_states())
+        pre, experts = self._states
+        s = np.round(np.asarray(scaling, dtype=np.float64), 12).tolist()
+        ref = ModelRef(
+            f"map:{ctx.suite.key}:{stable_hash(s)}",
+            label,
+            lambda: merging.weighted_task_arithmetic(pre, experts, s),
+        )
+        return np.array([
+            float(accuracy_from_features(ctx.features(ref, t, split), heads[t], ctx.labels(t, split), ctx.suite.logit_scale))
+            for t in ctx.tasks
+        ])  # fmt: skip
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        heads = ctx.suite.heads()
+        chosen = map_lib.select(self.front_f, prefs)
+        rows = {
+            i: self._accuracies(ctx, self.front_x[i], "test", heads, self.name)
+            for i in np.unique(chosen)
+        }
+        out = np.stack([rows[i] for i in chosen])
+        self.cost["query_seconds"] += time.perf_counter() - t0
+        self.cost["queries"] += len(prefs)
+        self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)
+        return out
+
+
+class Surgery(Method):
+    """Per-task Representation Surgery adapters on the merged embedding (not controllable):
+    every preference row gets the per-task corrected accuracy."""
+
+    name = "surgery"
+    controllable = False
+
+    def fit(self, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        c = self.cfg
+        split = calibration_split(ctx.cfg.calibration.source)
+        material = {
+            "merged": ctx.merged.key,
+            "experts": ctx.suite.key,
+            "calibration": _calibration(ctx),
+            "split": split,
+            "cfg": _cfg(c),
+            "version": CODE_VERSION,
+        }
+
+        def compute(out: Path):
+            adapters, first, last = [], [], []
+            for task in ctx.tasks:
+                idx = ctx.calibration[task]
+                z_m = ctx.features(ctx.merged, task, split, idx)
+                z_e = ctx.features(ctx.expert_ref(task), task, split, idx)
+                self.cost["forward_passes"] += 2 * len(idx)
+                a, _ = surgery_lib.train_surgery(
+                    z_m,
+                    z_e,
+                    rank=int(c.rank),
+                    steps=int(c.steps),
+                    lr=float(c.lr),
+                    batch_size=int(c.batch_size),
+                    seed=int(c.seed),
+                )
+                adapters.append(a)
+                first.append(float((z_m - z_e).abs().mean()))
+                last.append(surgery_lib.l1_distance(a, z_m, z_e))
+            surgery_lib.save_adapters(out / "adapters.safetensors", adapters, ctx.tasks)
+            return {
+                "l1_before": dict(zip(ctx.tasks, first, strict=True)),
+                "l1_after": dict(zip(ctx.tasks, last, strict=True)),
+            }
+
+        unit = ctx.cache.unit("surgery", material, compute)
+        self.adapters = dict(
+            zip(
+                ctx.tasks,
+                surgery_lib.load_adapters(unit.file("adapters.safetensors"), ctx.tasks),
+                strict=True,
+            )
+        )
+        self._per_task = None
+        self.cost["offline_seconds"] += time.perf_counter() - t0
+
+    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        if self._per_task is None:
+            heads = ctx.suite.heads()
+            self._per_task = np.array([
+                float(accuracy_from_features(self.adapters[t](ctx.features(ctx.merged, t, "test")), heads[t],
+                                             ctx.labels(t, "test"), ctx.suite.logit_scale))
+                for t in ctx.tasks
+            ])  # fmt: skip
+        self.cost["query_seconds"] += time.perf_counter() - t0
+        self.cost["queries"] += len(prefs)
+        return np.tile(self._per_task, (len(prefs), 1))
+
+
+register(ParetoMerging.name, ParetoMerging)
+register(MAP.name, MAP)
+register(Surgery.name, Surgery)
