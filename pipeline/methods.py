@@ -185,5 +185,6 @@ def _load_baselines() -> None:
     """Baselines register themselves on import (kept optional so the core has no cycle)."""
     try:
         import baselines  # noqa: F401
-    except ImportError:
-        pass
+    except ModuleNotFoundError as e:  # only a missing package is optional; its own bugs surface
+        if e.name != "baselines":
+            raise
