@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -27,6 +28,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,11 @@ def _jsonable(obj: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return repr(obj)
+
+
+@functools.cache
+def _hash_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cache-sha256")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -133,9 +140,11 @@ class Cache:
             return False
         if not self.verify:
             return True
-        for name, digest in meta.get("files", {}).items():
-            f = path / name
-            if not f.is_file() or file_sha256(f) != digest:
+        files = [(path / name, digest) for name, digest in meta.get("files", {}).items()]
+        # hashlib releases the GIL: a unit's files are hashed in parallel threads
+        actual = _hash_pool().map(lambda f: file_sha256(f) if f.is_file() else None, [f for f, _ in files])
+        for (f, digest), got in zip(files, actual, strict=True):
+            if got != digest:
                 import warnings
 
                 warnings.warn(
