@@ -10,48 +10,12 @@ beside the jobs and prints the markdown.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
-import pandas as pd
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def job_rows(job: Path) -> list[dict]:
-    summary = json.loads((job / "summary.json").read_text())
-    overrides_file = job / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    fixed = ("experiment=", "suite=", "backbone=", "paths.", "progress=", "num_threads=", "logger=", "hydra.")
-    swept = ",".join(o for o in overrides if not o.startswith(fixed))
-    base = {"job": job.name, "overrides": swept, "merge": summary["merge"]["name"]}
-    rows = []
-    for label, d in summary["reference"].items():
-        rows.append({**base, "row": label, "metric": "average_accuracy", "value": 100 * d["average"]})
-    for method, sc in summary["scenarios"].items():
-        for scenario, d in sc.items():
-            rows.append({**base, "row": f"{method} ({scenario})", "metric": "average_accuracy", "value": 100 * d["average"]})
-            rows.append({**base, "row": f"{method} ({scenario})", "metric": "normalized_accuracy", "value": 100 * d["normalized_average"]})
-    for method, fr in summary["fronts"].items():
-        for subset, d in fr.items():
-            for metric, v in d.items():
-                rows.append({**base, "row": method, "metric": f"{metric}{subset}", "value": v})
-    return rows
-
-
-def collect(folder: Path) -> pd.DataFrame:
-    jobs = sorted({p.parent for p in folder.rglob("summary.json")}, key=lambda p: p.name)
-    if not jobs:
-        raise SystemExit(f"no summary.json under {folder}; did the runs finish?")
-    return pd.DataFrame([r for j in jobs for r in job_rows(j)])
-
-
-def to_markdown(df: pd.DataFrame) -> str:
-    wide = df.pivot_table(index=["overrides", "row"], columns="metric", values="value", sort=False).reset_index()
-    cols = list(wide.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for r in wide.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |")
-    return "\n".join(lines)
+from pipeline.collect import write_collected  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -68,10 +32,10 @@ def main(argv=None) -> None:
         folder = runs[-1]
     if folder is None:
         ap.error("give a folder or --latest EXPERIMENT")
-    df = collect(folder)
-    md = to_markdown(df)
-    df.to_csv(folder / "collected.csv", index=False)
-    (folder / "collected.md").write_text(md + "\n")
+    try:
+        md = write_collected(folder)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     print(f"# {folder}\n\n{md}")
 
 

@@ -164,7 +164,10 @@ def test_multirun_target(target, dirs):
     sweep = latest(dirs["out"] / "multirun" / experiment)
     jobs = sorted(p.parent for p in sweep.rglob("summary.json"))
     assert len(jobs) == n_jobs
+    # the multirun collected itself (pipeline.callbacks); scripts/collect.py rewrites the same table
+    auto = pd.read_csv(sweep / "collected.csv")
     df = collect(sweep)
+    pd.testing.assert_frame_equal(auto, df)
     assert np.isfinite(df.value).all()
     assert (
         df.job.nunique() == n_jobs and df.overrides.nunique() == n_jobs
