@@ -81,6 +81,26 @@ def validate_config(cfg: DictConfig) -> None:
         builder.validate(cfg.suite, cfg.backbone)
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``python -m pipeline.main <overrides>`` would run (for scripts and tests)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def script_config(ap, argv: list[str] | None = None):
+    """Parse a script's own flags plus Hydra ``key=value`` overrides; returns (args, validated cfg)."""
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
+    if bad:
+        ap.error(f"unrecognised arguments {bad}; Hydra overrides look like key=value")
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    args.overrides = overrides
+    return args, cfg
+
+
 def method_cfg(cfg: DictConfig, name: str):
     if name == "react":
         return cfg.correction

@@ -53,18 +53,10 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 import pipeline  # noqa: E402,F401  (torchvision guard first)
 from pipeline.cache import Cache, stable_hash  # noqa: E402
 from pipeline.features import resolve_device  # noqa: E402
-from pipeline.main import CONFIG_DIR, load_suite, method_cfg, prepare_context, validate_config  # noqa: E402
+from pipeline.main import load_suite, method_cfg, prepare_context, script_config  # noqa: E402
 from pipeline.methods import build_method  # noqa: E402
 from pipeline.report import md_table  # noqa: E402
 from pipeline.suite import Suite  # noqa: E402
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def subset_suite(suite: Suite, tasks: list[str]) -> Suite:
@@ -235,14 +227,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         help="seconds of answering per (method, T) before extrapolating (default 20)",
     )
     ap.add_argument("--min-tasks", type=int, default=2)
-    args, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
-    if bad:
-        ap.error(f"unrecognised arguments {bad}; Hydra overrides look like key=value")
+    args, cfg = script_config(ap, argv)
     if args.n_prefs < 1 or args.repeats < 1 or args.min_tasks < 2:
         ap.error("--n-prefs and --repeats must be >= 1, --min-tasks >= 2")
-    cfg = compose(overrides)
-    validate_config(cfg)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(cfg.seed)
@@ -277,7 +264,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     label = f"{cfg.suite.name} suite, backbone {cfg.backbone.get('name')}, merge {cfg.merge.name}, {device.type}"
     plot(summary, args.n_prefs, out, label)
     meta = {
-        "overrides": overrides,
+        "overrides": args.overrides,
         "args": {k: str(v) for k, v in vars(args).items()},
         "tasks": list(full.tasks),
         "device": str(device),

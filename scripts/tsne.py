@@ -46,7 +46,7 @@ import pipeline  # noqa: E402,F401  (torchvision guard first)
 from correction import react  # noqa: E402
 from pipeline.cache import Cache  # noqa: E402
 from pipeline.features import resolve_device  # noqa: E402
-from pipeline.main import CONFIG_DIR, prepare_context, validate_config  # noqa: E402
+from pipeline.main import prepare_context, script_config  # noqa: E402
 from pipeline.methods import build_method  # noqa: E402
 
 MODELS = ("expert", "merged", "ReACT one-hot", "ReACT equal")
@@ -56,14 +56,6 @@ MODEL_STYLE = {  # colour, marker
     "ReACT one-hot": ("#1f77b4", "^"),
     "ReACT equal": ("#2ca02c", "s"),
 }
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def embeddings(cfg, max_per_task: int, device) -> pd.DataFrame:
@@ -241,14 +233,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument(
         "--perplexity", type=float, default=30.0, help="t-SNE perplexity (capped at (n-1)/3)"
     )
-    args, overrides = ap.parse_known_args(argv)
-    bad = [o for o in overrides if o.startswith("-") or "=" not in o]
-    if bad:
-        ap.error(f"unrecognised arguments {bad}; Hydra overrides look like key=value")
+    args, cfg = script_config(ap, argv)
     if args.max_per_task < 2:
         ap.error("--max-per-task must be >= 2")
-    cfg = compose(overrides)
-    validate_config(cfg)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(cfg.seed)

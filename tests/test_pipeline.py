@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
+from tiny import FAST
 
 import evaluation
 from correction import react
@@ -30,20 +30,9 @@ from pipeline.cache import Cache
 from pipeline.stages import calibration_split
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = [
-    "suite=offline_tiny",
-    "logger=disabled",
-    "progress=false",
-    "num_threads=1",
-    "preferences.simplex_step=0.25",
-    "preferences.dirichlet_n=12",
-    "preferences.pairs=[[mnist,animals],[digits,faces]]",
-]
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=pm.CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+_compose = pm.compose_config
 
 
 @pytest.fixture(scope="module")

@@ -40,10 +40,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny import FAST
 
 import merging
 from correction import react
@@ -56,15 +56,6 @@ from pipeline.cache import Cache, CacheCorruptionWarning, file_sha256
 pytestmark = pytest.mark.reliability
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = [
-    "suite=offline_tiny",
-    "logger=disabled",
-    "progress=false",
-    "num_threads=1",
-    "preferences.simplex_step=0.25",
-    "preferences.dirichlet_n=12",
-    "preferences.pairs=[[mnist,animals],[digits,faces]]",
-]
 TABLES = ("results", "scenarios", "fronts", "reference")
 PIPELINE_STAGES = ("merge", "features", "statistics", "sweep")  # units after the suite build
 
@@ -106,9 +97,7 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def _compose(overrides: list[str]):
-    with initialize_config_dir(config_dir=pm.CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+_compose = pm.compose_config
 
 
 def _events(run_dir: Path) -> list[tuple[str, str, str]]:
