@@ -22,6 +22,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class _Batches(torch.utils.data.Dataset):
+    """Batch ``i`` of ``images[idx]`` as a uint8 tensor (read by DataLoader workers)."""
+
+    def __init__(self, images: np.ndarray, idx: np.ndarray, batch_size: int):
+        self.images, self.idx, self.batch_size = images, idx, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.idx) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        sel = self.idx[i * self.batch_size : (i + 1) * self.batch_size]
+        return torch.from_numpy(np.ascontiguousarray(self.images[sel]))
+
+
 @torch.no_grad()
 def extract_features(
     visual: torch.nn.Module,
@@ -33,21 +47,30 @@ def extract_features(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     autocast: bool = True,
+    num_workers: int = 0,
     progress: bool = False,
     desc: str = "features",
 ) -> torch.Tensor:
-    """Embeddings (N, D) float32 on CPU of ``images[indices]`` through ``visual``."""
+    """Embeddings (N, D) float32 on CPU of ``images[indices]`` through ``visual``.
+
+    With ``num_workers`` > 0, DataLoader worker processes gather the next batches from the
+    memory-mapped cache (into pinned memory on CUDA) while the device encodes the current
+    one; the workers are forked, so the memory map is shared, not copied. The pipeline asks
+    for workers on CUDA only: on a CPU they would compete with the forward pass for cores.
+    """
     device = torch.device(device)
     visual = visual.to(device).eval()
     idx = np.arange(images.shape[0]) if indices is None else np.asarray(indices)
     out: list[torch.Tensor] = []
     use_amp = autocast and device.type == "cuda"
-    pin = device.type == "cuda"
-    for start in tqdm(range(0, len(idx), batch_size), desc=desc, disable=not progress, leave=False):
-        sel = idx[start : start + batch_size]
-        batch = torch.from_numpy(np.ascontiguousarray(images[sel]))
-        if pin:
-            batch = batch.pin_memory()
+    on_gpu = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        _Batches(images, idx, batch_size),
+        batch_size=None,
+        num_workers=int(num_workers),
+        pin_memory=on_gpu,
+    )
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
         x = normalize_images(batch.to(device, non_blocking=True), mean, std)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             z = visual(x)

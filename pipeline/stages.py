@@ -103,6 +103,7 @@ class Context:
                 batch_size=self.cfg.batch_size,
                 device=self.device,
                 autocast=self.cfg.autocast,
+                num_workers=self.cfg.get("feature_workers", 0) if self.device.type == "cuda" else 0,
                 progress=self.progress,
                 desc=f"{model.label} | {task}/{split}",
             )

@@ -16,6 +16,9 @@ measured in the session that wrote this test (no GPU).
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +79,14 @@ def test_cpu_extraction_equals_plain_loop():
     full = extract_features(visual, imgs, MEAN, STD, batch_size=8, device="cpu", autocast=False)
     torch.testing.assert_close(full[idx], got, atol=1e-6, rtol=1e-6)
     assert full.shape == (23, 32)
+    # DataLoader worker processes reading the memory-mapped cache: same rows, same order
+    path = Path(tempfile.mkdtemp()) / "images.npy"
+    np.save(path, imgs)
+    mapped = np.load(path, mmap_mode="r")
+    workers = extract_features(
+        visual, mapped, MEAN, STD, indices=idx, batch_size=5, device="cpu", num_workers=2
+    )
+    torch.testing.assert_close(workers, got, atol=0, rtol=0)
 
 
 def test_cpu_extraction_rejects_empty_and_nonfinite():
