@@ -16,9 +16,6 @@ measured in the session that wrote this test (no GPU).
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -64,7 +61,7 @@ def plain_loop(visual, imgs: np.ndarray, idx: np.ndarray) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def test_cpu_extraction_equals_plain_loop():
+def test_cpu_extraction_equals_plain_loop(tmp_path):
     torch.set_num_threads(1)
     visual = small_visual()
     imgs = images(23, 32)
@@ -80,7 +77,7 @@ def test_cpu_extraction_equals_plain_loop():
     torch.testing.assert_close(full[idx], got, atol=1e-6, rtol=1e-6)
     assert full.shape == (23, 32)
     # DataLoader worker processes reading the memory-mapped cache: same rows, same order
-    path = Path(tempfile.mkdtemp()) / "images.npy"
+    path = tmp_path / "images.npy"
     np.save(path, imgs)
     mapped = np.load(path, mmap_mode="r")
     workers = extract_features(
