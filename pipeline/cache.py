@@ -74,7 +74,9 @@ def _jsonable(obj: Any) -> Any:
 
 @functools.cache
 def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cache-sha256")
+    return ThreadPoolExecutor(
+        max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="cache-sha256"
+    )
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -142,7 +144,9 @@ class Cache:
             return True
         files = [(path / name, digest) for name, digest in meta.get("files", {}).items()]
         # hashlib releases the GIL: a unit's files are hashed in parallel threads
-        actual = _hash_pool().map(lambda f: file_sha256(f) if f.is_file() else None, [f for f, _ in files])
+        actual = _hash_pool().map(
+            lambda f: file_sha256(f) if f.is_file() else None, [f for f, _ in files]
+        )
         for (f, digest), got in zip(files, actual, strict=True):
             if got != digest:
                 import warnings

@@ -185,8 +185,10 @@ class PickledObject:
             self.__dict__["_pickled_kwargs"] = kwargs
 
     def __setstate__(self, state: Any) -> None:  # BUILD
-        if isinstance(state, tuple) and len(state) == 2 and all(
-            s is None or isinstance(s, dict) for s in state
+        if (
+            isinstance(state, tuple)
+            and len(state) == 2
+            and all(s is None or isinstance(s, dict) for s in state)
         ):
             for part in state:
                 self.__dict__.update(part or {})
@@ -283,8 +285,14 @@ class RestrictedUnpickler(pickle.Unpickler):
     Storages are read from the zip archive by ``persistent_load``.
     """
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str = "?",
-                 stub_modules: tuple[str, ...] = STUB_MODULES):
+    def __init__(
+        self,
+        file,
+        archive: zipfile.ZipFile,
+        prefix: str,
+        source: str = "?",
+        stub_modules: tuple[str, ...] = STUB_MODULES,
+    ):
         super().__init__(file)
         self._archive = archive
         self._prefix = prefix
@@ -339,8 +347,11 @@ class RestrictedUnpickler(pickle.Unpickler):
                     f"storage {key} of {self._source} has {len(raw)} bytes, expected "
                     f"{numel} x {itemsize}: the file is truncated or corrupted"
                 )
-            flat = (torch.frombuffer(bytearray(raw), dtype=dtype) if raw
-                    else torch.empty(0, dtype=dtype))
+            flat = (
+                torch.frombuffer(bytearray(raw), dtype=dtype)
+                if raw
+                else torch.empty(0, dtype=dtype)
+            )
             self._storages[key] = torch.storage.TypedStorage(
                 wrap_storage=flat.untyped_storage(), dtype=dtype, _internal=True
             )
@@ -364,8 +375,11 @@ def safe_torch_load(path: str | Path, stub_modules: tuple[str, ...] = STUB_MODUL
         names = archive.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if not pkls:
-            hint = " (it looks like a TorchScript archive)" if any(
-                n.endswith("constants.pkl") for n in names) else ""
+            hint = (
+                " (it looks like a TorchScript archive)"
+                if any(n.endswith("constants.pkl") for n in names)
+                else ""
+            )
             raise pickle.UnpicklingError(f"{path} has no <archive>/data.pkl record{hint}")
         prefix = pkls[0].rsplit("/", 1)[0]
         order = f"{prefix}/byteorder"
@@ -417,7 +431,7 @@ def visual_subset(state: Mapping[str, torch.Tensor], source: str = "?") -> dict[
     optionally under ``module.``) or an image tower already (``conv1.weight``, ...).
     """
     for prefix in VISUAL_PREFIXES:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if sub:
             return sub
     if "conv1.weight" in state or "class_embedding" in state:
@@ -458,7 +472,9 @@ def load_torch_weights(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else "")
+        reason = next(
+            (ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else ""
+        )
         raise pickle.UnpicklingError(
             f"{path} is not a plain state dict: torch.load(weights_only=True) refused it ({reason}). "
             "Loading it with weights_only=False could run code from the file; do that only for a file "
@@ -643,31 +659,57 @@ class CheckpointRef:
 
     def material(self) -> dict[str, Any]:
         """Cache-key material: the reference, plus size and mtime of a local file or folder."""
-        m: dict[str, Any] = {"kind": self.kind, "location": self.location, "revision": self.revision}
+        m: dict[str, Any] = {
+            "kind": self.kind,
+            "location": self.location,
+            "revision": self.revision,
+        }
         p = Path(self.location)
         target = p / "model.safetensors" if p.is_dir() else p
         if self.kind != "open_clip" and target.exists():
             st = target.stat()
-            m["file"] = {"path": str(target.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+            m["file"] = {
+                "path": str(target.resolve()),
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+            }
         return m
 
     def resource(self) -> Resource:
         what = f"{self.role} ({self.kind} checkpoint)"
         if self.kind == "hf":
             if Path(self.location).exists() or self.location.startswith((".", "/", "~")):
-                return Resource(what, "dir", self.location, "a folder written by transformers "
-                                "save_pretrained (config.json + weights)", needs="config.json")
-            return Resource(what, "hub_model", self.location, f"hf download {self.location}",
-                            revision=self.revision)
+                return Resource(
+                    what,
+                    "dir",
+                    self.location,
+                    "a folder written by transformers save_pretrained (config.json + weights)",
+                    needs="config.json",
+                )
+            return Resource(
+                what,
+                "hub_model",
+                self.location,
+                f"hf download {self.location}",
+                revision=self.revision,
+            )
         if self.kind == "task_vectors":
-            return Resource(what, "file", self.location,
-                            f"download the task-vectors checkpoints ({TASK_VECTORS_URL}) and set "
-                            "backbone.experts.task_vectors.root to the folder holding "
-                            "zeroshot.pt and <Task>/finetuned.pt")
+            return Resource(
+                what,
+                "file",
+                self.location,
+                f"download the task-vectors checkpoints ({TASK_VECTORS_URL}) and set "
+                "backbone.experts.task_vectors.root to the folder holding "
+                "zeroshot.pt and <Task>/finetuned.pt",
+            )
         if self.kind == "state_dict":
-            return Resource(what, "file", self.location,
-                            "write it with `python scripts/convert_task_vectors.py SRC DST` or point "
-                            "backbone.experts.state_dict.template at your safetensors files")
+            return Resource(
+                what,
+                "file",
+                self.location,
+                "write it with `python scripts/convert_task_vectors.py SRC DST` or point "
+                "backbone.experts.state_dict.template at your safetensors files",
+            )
         raise ValueError(f"{self.role}: an open_clip reference is checked by the suite builder")
 
 

@@ -14,16 +14,41 @@ def job_rows(job: Path) -> list[dict]:
     summary = json.loads((job / "summary.json").read_text())
     overrides_file = job / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.exists() else []
-    fixed = ("experiment=", "suite=", "backbone=", "paths.", "progress=", "num_threads=", "logger=", "hydra.")
+    fixed = (
+        "experiment=",
+        "suite=",
+        "backbone=",
+        "paths.",
+        "progress=",
+        "num_threads=",
+        "logger=",
+        "hydra.",
+    )
     swept = ",".join(o for o in overrides if not o.startswith(fixed))
     base = {"job": job.name, "overrides": swept, "merge": summary["merge"]["name"]}
     rows = []
     for label, d in summary["reference"].items():
-        rows.append({**base, "row": label, "metric": "average_accuracy", "value": 100 * d["average"]})
+        rows.append(
+            {**base, "row": label, "metric": "average_accuracy", "value": 100 * d["average"]}
+        )
     for method, sc in summary["scenarios"].items():
         for scenario, d in sc.items():
-            rows.append({**base, "row": f"{method} ({scenario})", "metric": "average_accuracy", "value": 100 * d["average"]})
-            rows.append({**base, "row": f"{method} ({scenario})", "metric": "normalized_accuracy", "value": 100 * d["normalized_average"]})
+            rows.append(
+                {
+                    **base,
+                    "row": f"{method} ({scenario})",
+                    "metric": "average_accuracy",
+                    "value": 100 * d["average"],
+                }
+            )
+            rows.append(
+                {
+                    **base,
+                    "row": f"{method} ({scenario})",
+                    "metric": "normalized_accuracy",
+                    "value": 100 * d["normalized_average"],
+                }
+            )
     for method, fr in summary["fronts"].items():
         for subset, d in fr.items():
             for metric, v in d.items():
@@ -39,11 +64,15 @@ def collect(folder: Path) -> pd.DataFrame:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    wide = df.pivot_table(index=["overrides", "row"], columns="metric", values="value", sort=False).reset_index()
+    wide = df.pivot_table(
+        index=["overrides", "row"], columns="metric", values="value", sort=False
+    ).reset_index()
     cols = list(wide.columns)
     lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
     for r in wide.itertuples(index=False):
-        lines.append("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |")
+        lines.append(
+            "| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in r) + " |"
+        )
     return "\n".join(lines)
 
 

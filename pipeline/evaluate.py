@@ -42,7 +42,9 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
             out["equal"] = prefs_lib.equal(T)
         elif name == "priority":
             if not 0 <= cfg.priority_main <= 1:
-                raise ValueError(f"preferences.priority_main must be in [0, 1], got {cfg.priority_main}")
+                raise ValueError(
+                    f"preferences.priority_main must be in [0, 1], got {cfg.priority_main}"
+                )
             out["priority"] = prefs_lib.priority(T, main=cfg.priority_main)
         elif name == "one_hot":
             out["one_hot"] = prefs_lib.one_hot(T)
@@ -50,8 +52,12 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
             pairs = cfg.pairs or list(itertools.combinations(tasks, 2))
             for a, b in pairs:
                 if a not in tasks or b not in tasks:
-                    raise ValueError(f"preferences.pairs: unknown task in ({a}, {b}); tasks are {tasks}")
-                out[f"pairwise:{a}|{b}"] = prefs_lib.pairwise(T, tasks.index(a), tasks.index(b), steps=cfg.pairwise_steps)
+                    raise ValueError(
+                        f"preferences.pairs: unknown task in ({a}, {b}); tasks are {tasks}"
+                    )
+                out[f"pairwise:{a}|{b}"] = prefs_lib.pairwise(
+                    T, tasks.index(a), tasks.index(b), steps=cfg.pairwise_steps
+                )
         elif name == "simplex3":
             grid3 = prefs_lib.simplex_grid(3, step=cfg.simplex_step)
             full = np.zeros((len(grid3), T))
@@ -63,9 +69,14 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
             elif cfg.grid == "dirichlet":
                 out["grid"] = prefs_lib.dirichlet(T, cfg.dirichlet_n, seed=cfg.dirichlet_seed)
             else:
-                raise ValueError(f"preferences.grid must be 'lattice' or 'dirichlet', got {cfg.grid!r}")
+                raise ValueError(
+                    f"preferences.grid must be 'lattice' or 'dirichlet', got {cfg.grid!r}"
+                )
     if cfg.get("custom") is not None:
-        custom = np.asarray(OmegaConf.to_container(cfg.custom) if OmegaConf.is_config(cfg.custom) else cfg.custom, dtype=np.float64)
+        custom = np.asarray(
+            OmegaConf.to_container(cfg.custom) if OmegaConf.is_config(cfg.custom) else cfg.custom,
+            dtype=np.float64,
+        )
         if custom.ndim == 1:
             custom = custom[None]
         try:
@@ -95,18 +106,32 @@ def scenario_table(results: pd.DataFrame, tasks: list[str]) -> pd.DataFrame:
     favours t (row t of the set). Adds an ``average`` row per (method, scenario).
     """
     rows = []
-    for (method, scenario), df in results[results.pref_set.isin(SCENARIOS)].groupby(["method", "pref_set"], sort=False):
+    for (method, scenario), df in results[results.pref_set.isin(SCENARIOS)].groupby(
+        ["method", "pref_set"], sort=False
+    ):
         for t_i, task in enumerate(tasks):
             pid = 0 if scenario == "equal" else t_i
             r = df[(df.pref_id == pid) & (df.task == task)].iloc[0]
             rows.append((method, scenario, task, r.accuracy, r.normalized_accuracy))
-    tab = pd.DataFrame(rows, columns=["method", "scenario", "task", "accuracy", "normalized_accuracy"])
-    avg = tab.groupby(["method", "scenario"], sort=False)[["accuracy", "normalized_accuracy"]].mean().reset_index()
+    tab = pd.DataFrame(
+        rows, columns=["method", "scenario", "task", "accuracy", "normalized_accuracy"]
+    )
+    avg = (
+        tab.groupby(["method", "scenario"], sort=False)[["accuracy", "normalized_accuracy"]]
+        .mean()
+        .reset_index()
+    )
     avg.insert(2, "task", "average")
     return pd.concat([tab, avg], ignore_index=True)
 
 
-def front_metrics(results: pd.DataFrame, sets: dict[str, np.ndarray], tasks: list[str], tasks3: list[str], hv_cfg=None) -> pd.DataFrame:
+def front_metrics(
+    results: pd.DataFrame,
+    sets: dict[str, np.ndarray],
+    tasks: list[str],
+    tasks3: list[str],
+    hv_cfg=None,
+) -> pd.DataFrame:
     """HV (x100), uniformity and preference alignment at @3 (simplex3) and @all (grid)."""
     rows = []
     hv_kw = dict(hv_cfg or {})
@@ -117,7 +142,9 @@ def front_metrics(results: pd.DataFrame, sets: dict[str, np.ndarray], tasks: lis
             sub = df[df.pref_set == set_name]
             if sub.empty:
                 continue
-            pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[cols].to_numpy()
+            pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[
+                cols
+            ].to_numpy()
             p = sets[set_name][:, [tasks.index(c) for c in cols]]
             hv = evaluation.hypervolume(pts, **hv_kw)
             u = evaluation.uniformity(p, pts)
@@ -125,6 +152,13 @@ def front_metrics(results: pd.DataFrame, sets: dict[str, np.ndarray], tasks: lis
             rows += [
                 (method, subset, "hypervolume", 100 * float(hv.value), hv.method, len(pts)),
                 (method, subset, "uniformity", float(u), "PHN-style (method.md 5a)", int(u.n_used)),
-                (method, subset, "preference_alignment", float(a), "mean Pearson(p, norm. acc) (method.md 5b)", int(a.n_used)),
+                (
+                    method,
+                    subset,
+                    "preference_alignment",
+                    float(a),
+                    "mean Pearson(p, norm. acc) (method.md 5b)",
+                    int(a.n_used),
+                ),
             ]
     return pd.DataFrame(rows, columns=["method", "subset", "metric", "value", "how", "n_points"])

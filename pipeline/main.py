@@ -59,12 +59,18 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
     resolve_tasks3(tasks, cfg.tasks3)
     calibration_split(cfg.calibration.source)
-    calibration_count(cfg.calibration.size, sys.maxsize)  # type and range; the split size comes later
+    calibration_count(
+        cfg.calibration.size, sys.maxsize
+    )  # type and range; the split size comes later
     c = cfg.correction
     if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
-        raise ValueError(f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}")
+        raise ValueError(
+            f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}"
+        )
     if c.aggregation not in ("closed_form", "naive", "polar"):
-        raise ValueError(f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}")
+        raise ValueError(
+            f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}"
+        )
     if c.reduction not in ("mean", "sum"):
         raise ValueError(f"correction.reduction must be mean or sum, got {c.reduction!r}")
     for name in list(cfg.methods) + list(cfg.fixed_methods):
@@ -73,7 +79,9 @@ def validate_config(cfg: DictConfig) -> None:
     from .suites import BUILDERS
 
     if cfg.suite.name not in BUILDERS:
-        raise ValueError(f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}")
+        raise ValueError(
+            f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}"
+        )
     import importlib
 
     builder = importlib.import_module(BUILDERS[cfg.suite.name])
@@ -117,7 +125,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir") from e
+        raise PermissionError(
+            f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
+        ) from e
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     torch.manual_seed(cfg.seed)
@@ -126,8 +136,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     cache.sweep_tmp()
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(cfg.logger, run_dir, config, group=cfg.experiment_name,
-                      name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}")
+    tracker = Tracker(
+        cfg.logger,
+        run_dir,
+        config,
+        group=cfg.experiment_name,
+        name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}",
+    )
     try:
         summary = _run(cfg, cache, device, run_dir, tracker)
     finally:
@@ -139,7 +154,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
 
 def load_suite(cfg: DictConfig, cache: Cache):
     """Stage prepare: build (or load from ``cache``) the suite of ``cfg``."""
-    return build_suite(cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg), cache, progress=cfg.progress)
+    return build_suite(
+        cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg),
+        cache,
+        progress=cfg.progress,
+    )
 
 
 def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=None) -> Context:
@@ -159,7 +178,9 @@ def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=N
     with ctx.timed("merge"):
         merge_unit = run_merge(cfg.merge, suite, cache, device, progress=cfg.progress)
         merged_state = load_merged(merge_unit)
-        ctx.merged = ModelRef(f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state)
+        ctx.merged = ModelRef(
+            f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state
+        )
     return ctx
 
 
@@ -195,13 +216,22 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     t = time.perf_counter()
     results = pd.concat(frames, ignore_index=True)
     prefs_df = preferences_frame(sets, tasks)
-    scenarios = scenario_table(results, tasks) if {"equal", "priority", "one_hot"} & set(sets) else pd.DataFrame()
+    scenarios = (
+        scenario_table(results, tasks)
+        if {"equal", "priority", "one_hot"} & set(sets)
+        else pd.DataFrame()
+    )
     fronts = front_metrics(results[results.method.isin(list(cfg.methods))], sets, tasks, tasks3)
     timings["evaluate"] = time.perf_counter() - t
     # ---- report
     t = time.perf_counter()
-    for name, df in (("results", results), ("preferences", prefs_df), ("reference", reference),
-                     ("scenarios", scenarios), ("fronts", fronts)):
+    for name, df in (
+        ("results", results),
+        ("preferences", prefs_df),
+        ("reference", reference),
+        ("scenarios", scenarios),
+        ("fronts", fronts),
+    ):
         write_table(df, run_dir, name)
     cost = pd.DataFrame(cost_rows)
     write_table(cost, run_dir, "cost")
@@ -225,9 +255,11 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
             "overlaps_evaluation": overlap,
             "note": (
                 "unlabeled images from each task's test split (the paper's transductive protocol); "
-                "they are among the evaluated test images" if overlap else
-                "held-out validation images (never used to train the experts); disjoint from the evaluated test images"
-            ) + f"; {', '.join(f'{k}: {len(v)}' for k, v in ctx.calibration.items())} per task",
+                "they are among the evaluated test images"
+                if overlap
+                else "held-out validation images (never used to train the experts); disjoint from the evaluated test images"
+            )
+            + f"; {', '.join(f'{k}: {len(v)}' for k, v in ctx.calibration.items())} per task",
         },
         "preference_sets": {k: int(len(v)) for k, v in sets.items()},
     }
@@ -236,12 +268,22 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     plots = _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, run_dir / "plots")
     command = "python -m pipeline.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     timings["report"] = time.perf_counter() - t
-    atomic_write_text(run_dir / "report.md", markdown_report(summary, scenarios, fronts, reference, cost, command))
-    atomic_write_text(run_dir / "timings.json", json.dumps({"stages": timings, "cache_events": cache.events}, indent=1))
+    atomic_write_text(
+        run_dir / "report.md", markdown_report(summary, scenarios, fronts, reference, cost, command)
+    )
+    atomic_write_text(
+        run_dir / "timings.json",
+        json.dumps({"stages": timings, "cache_events": cache.events}, indent=1),
+    )
     # ---- W&B
     tracker.summary(_flat_metrics(summary))
     tracker.log({f"time/{k}": v for k, v in timings.items()})
-    for name, df in (("scenarios", scenarios), ("fronts", fronts), ("reference", reference), ("cost", cost)):
+    for name, df in (
+        ("scenarios", scenarios),
+        ("fronts", fronts),
+        ("reference", reference),
+        ("cost", cost),
+    ):
         tracker.table(name, df)
     for p in plots:
         if p.suffix == ".png":
@@ -263,7 +305,9 @@ def _sweep(ctx: Context, method, set_name: str, p: np.ndarray, expert_acc: dict)
 
     def compute(out: Path):
         acc = method.accuracies(ctx, p)
-        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(out / "results.parquet", index=False)
+        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(
+            out / "results.parquet", index=False
+        )
 
     unit = ctx.cache.unit("sweep", material, compute)
     return pd.read_parquet(unit.file("results.parquet"))
@@ -271,21 +315,38 @@ def _sweep(ctx: Context, method, set_name: str, p: np.ndarray, expert_acc: dict)
 
 def _reference(ctx: Context, heads) -> pd.DataFrame:
     rows = []
-    for label, ref in (("pretrained", ctx.pretrained_ref()), (f"merged ({ctx.cfg.merge.name})", ctx.merged)):
+    for label, ref in (
+        ("pretrained", ctx.pretrained_ref()),
+        (f"merged ({ctx.cfg.merge.name})", ctx.merged),
+    ):
         accs = model_accuracies(ctx, ref, heads)
         rows += [(label, t, float(a)) for t, a in zip(ctx.tasks, accs, strict=True)]
     for t in ctx.tasks:
         from .features import accuracy_from_features
 
         z = ctx.features(ctx.expert_ref(t), t, "test")
-        rows.append(("expert", t, float(accuracy_from_features(z, heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale))))
+        rows.append(
+            (
+                "expert",
+                t,
+                float(
+                    accuracy_from_features(
+                        z, heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale
+                    )
+                ),
+            )
+        )
     df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
-    expert = dict(zip(df[df.label == "expert"].task, df[df.label == "expert"].accuracy, strict=True))
+    expert = dict(
+        zip(df[df.label == "expert"].task, df[df.label == "expert"].accuracy, strict=True)
+    )
     df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
     return df
 
 
-def _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, out_dir: Path) -> list[Path]:
+def _plots(
+    results, prefs_df, reference, scenarios, tasks, tasks3, sets, out_dir: Path
+) -> list[Path]:
     from evaluation import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,9 +356,13 @@ def _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, out_dir
     if "simplex3" in sets:
         for method in results.method.unique():
             if (results[(results.method == method)].pref_set == "simplex3").any():
-                written += plots.plot_simplex_maps(results, prefs_df, tasks3, out_dir, method=method)
+                written += plots.plot_simplex_maps(
+                    results, prefs_df, tasks3, out_dir, method=method
+                )
     if not scenarios.empty:
-        avg = scenarios[scenarios.task == "average"].rename(columns={"accuracy": "average_accuracy"})
+        avg = scenarios[scenarios.task == "average"].rename(
+            columns={"accuracy": "average_accuracy"}
+        )
         written += plots.plot_scenario_bars(avg, out_dir)
     return [Path(p) for p in written]
 
@@ -319,7 +384,10 @@ def _flat_metrics(summary: dict) -> dict:
 def _with_backbone(cfg):
     """The suite config with the backbone inside (paper8 builds per backbone)."""
     return OmegaConf.create(
-        {**OmegaConf.to_container(cfg.suite, resolve=True), "backbone": OmegaConf.to_container(cfg.backbone, resolve=True)}
+        {
+            **OmegaConf.to_container(cfg.suite, resolve=True),
+            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True),
+        }
     )
 
 

@@ -62,7 +62,9 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
         if cfg.name == "task_arithmetic":
             merged = merging.task_arithmetic(pre, experts, scale=cfg.scale)
         elif cfg.name == "ties":
-            merged = merging.ties(pre, experts, scale=cfg.scale, density=cfg.density, merge=cfg.combine)
+            merged = merging.ties(
+                pre, experts, scale=cfg.scale, density=cfg.density, merge=cfg.combine
+            )
         elif cfg.name == "weight_average":
             merged = merging.weight_average(experts)
         elif cfg.name in ("adamerging", "adamerging_pp"):
@@ -111,7 +113,11 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
                 progress=progress,
             )
             extra["forward_passes"] = sum(len(e) for e in exemplars)
-        save_state(out / "merged.safetensors", merged, meta={"merge": OmegaConf.to_container(cfg, resolve=True)})
+        save_state(
+            out / "merged.safetensors",
+            merged,
+            meta={"merge": OmegaConf.to_container(cfg, resolve=True)},
+        )
         extra["seconds"] = time.perf_counter() - t0
         return extra
 

@@ -33,7 +33,12 @@ class Method:
 
     def __init__(self, cfg=None):
         self.cfg = cfg
-        self.cost = {"offline_seconds": 0.0, "query_seconds": 0.0, "queries": 0, "forward_passes": 0}
+        self.cost = {
+            "offline_seconds": 0.0,
+            "query_seconds": 0.0,
+            "queries": 0,
+            "forward_passes": 0,
+        }
 
     def fit(self, ctx: Context) -> None:  # offline, preference-independent stage
         pass
@@ -94,7 +99,9 @@ class ReACT(Method):
 
     def maps(self, prefs: np.ndarray) -> torch.Tensor:
         p = torch.as_tensor(prefs, dtype=torch.float64)
-        return react.preference_map(self.stats, p, aggregation=self.cfg.aggregation, dtype=torch.float32)
+        return react.preference_map(
+            self.stats, p, aggregation=self.cfg.aggregation, dtype=torch.float32
+        )
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -111,9 +118,9 @@ class ReACT(Method):
             for s in range(0, len(prefs), chunk):
                 W = self.maps(prefs[s : s + chunk]).to(ctx.device)
                 corrected = react.apply(W, z)  # (P, N, D)
-                out[s : s + chunk, j] = accuracy_from_features(
-                    corrected, head, y, ctx.suite.logit_scale
-                ).cpu().numpy()
+                out[s : s + chunk, j] = (
+                    accuracy_from_features(corrected, head, y, ctx.suite.logit_scale).cpu().numpy()
+                )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         return out
@@ -130,11 +137,17 @@ class PreferenceTaskArithmetic(Method):
         heads = ctx.suite.heads()
         out = np.zeros((len(prefs), len(ctx.tasks)))
         for i, p in enumerate(prefs):
-            recipe = {"suite": ctx.suite.key, "p": np.round(p, 12).tolist(), "scale": self.cfg.scale}
+            recipe = {
+                "suite": ctx.suite.key,
+                "p": np.round(p, 12).tolist(),
+                "scale": self.cfg.scale,
+            }
             ref = ModelRef(
                 f"pref_ta:{_hash(recipe)}",
                 "pref_ta",
-                lambda p=p: merging.preference_task_arithmetic(pre, experts, p.tolist(), scale=self.cfg.scale),
+                lambda p=p: merging.preference_task_arithmetic(
+                    pre, experts, p.tolist(), scale=self.cfg.scale
+                ),
             )
             out[i] = model_accuracies(ctx, ref, heads)
         self.cost["query_seconds"] += time.perf_counter() - t0
@@ -148,7 +161,14 @@ def model_accuracies(ctx: Context, ref: ModelRef, heads=None) -> np.ndarray:
     heads = heads or ctx.suite.heads()
     return np.array(
         [
-            float(accuracy_from_features(ctx.features(ref, t, "test"), heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale))
+            float(
+                accuracy_from_features(
+                    ctx.features(ref, t, "test"),
+                    heads[t],
+                    ctx.labels(t, "test"),
+                    ctx.suite.logit_scale,
+                )
+            )
             for t in ctx.tasks
         ]
     )

@@ -36,7 +36,9 @@ def write_table(df: pd.DataFrame, run_dir: Path, name: str) -> None:
     tmp.replace(run_dir / f"{name}.parquet")
 
 
-def build_summary(meta: dict, reference: pd.DataFrame, scenarios: pd.DataFrame, fronts: pd.DataFrame) -> dict:
+def build_summary(
+    meta: dict, reference: pd.DataFrame, scenarios: pd.DataFrame, fronts: pd.DataFrame
+) -> dict:
     ref = {}
     for label, df in reference.groupby("label", sort=False):
         ref[label] = {r.task: round(float(r.accuracy), 6) for r in df.itertuples()}
@@ -52,14 +54,28 @@ def build_summary(meta: dict, reference: pd.DataFrame, scenarios: pd.DataFrame, 
     for r in fronts.itertuples():
         fr.setdefault(r.method, {}).setdefault(r.subset, {})[r.metric] = round(float(r.value), 6)
         notes[r.metric] = r.how
-    return {"schema": SCHEMA, **meta, "reference": ref, "scenarios": scen, "fronts": fr, "metric_notes": notes}
+    return {
+        "schema": SCHEMA,
+        **meta,
+        "reference": ref,
+        "scenarios": scen,
+        "fronts": fr,
+        "metric_notes": notes,
+    }
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:
     atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=False))
 
 
-def markdown_report(summary: dict, scenarios: pd.DataFrame, fronts: pd.DataFrame, reference: pd.DataFrame, cost: pd.DataFrame, command: str) -> str:
+def markdown_report(
+    summary: dict,
+    scenarios: pd.DataFrame,
+    fronts: pd.DataFrame,
+    reference: pd.DataFrame,
+    cost: pd.DataFrame,
+    command: str,
+) -> str:
     tasks = summary["tasks"]
     lines = [
         f"# ReACT run: suite `{summary['suite']}`, merge `{summary['merge']['name']}`",
@@ -79,14 +95,26 @@ def markdown_report(summary: dict, scenarios: pd.DataFrame, fronts: pd.DataFrame
         acc = {r.task: r.accuracy for r in df.itertuples()}
         cells = [f"{100 * acc[t]:.1f}" if t in acc else "" for t in tasks]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * df.accuracy.mean():.1f} |")
-    for (method, scenario), df in (scenarios.groupby(["method", "scenario"], sort=False) if not scenarios.empty else ()):
+    for (method, scenario), df in (
+        scenarios.groupby(["method", "scenario"], sort=False) if not scenarios.empty else ()
+    ):
         acc = {r.task: r.accuracy for r in df.itertuples()}
         cells = [f"{100 * acc[t]:.1f}" for t in tasks]
-        lines.append(f"| {method} ({scenario}) | " + " | ".join(cells) + f" | {100 * acc['average']:.1f} |")
+        lines.append(
+            f"| {method} ({scenario}) | " + " | ".join(cells) + f" | {100 * acc['average']:.1f} |"
+        )
     if not fronts.empty:
-        lines += ["", "## Pareto-front metrics", "", "| method | subset | metric | value | how | points |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Pareto-front metrics",
+            "",
+            "| method | subset | metric | value | how | points |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in fronts.itertuples():
-            lines.append(f"| {r.method} | {r.subset} | {r.metric} | {r.value:.2f} | {r.how} | {r.n_points} |")
+            lines.append(
+                f"| {r.method} | {r.subset} | {r.metric} | {r.value:.2f} | {r.how} | {r.n_points} |"
+            )
     if not cost.empty:
         lines += ["", "## Cost (this run; wall time, not deterministic)", "", md_table(cost)]
     return "\n".join(lines) + "\n"
@@ -94,6 +122,9 @@ def markdown_report(summary: dict, scenarios: pd.DataFrame, fronts: pd.DataFrame
 
 def md_table(df: pd.DataFrame, floatfmt: str = "{:.3f}") -> str:
     """A plain markdown table (no extra dependency)."""
-    cells = [[floatfmt.format(v) if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    cells = [
+        [floatfmt.format(v) if isinstance(v, float) else str(v) for v in row]
+        for row in df.itertuples(index=False)
+    ]
     head = "| " + " | ".join(map(str, df.columns)) + " |\n|" + "---|" * len(df.columns)
     return head + "\n" + "\n".join("| " + " | ".join(r) + " |" for r in cells)

@@ -70,7 +70,9 @@ class Context:
 
     def expert_ref(self, task: str) -> ModelRef:
         return ModelRef(
-            f"expert:{self.suite.key}:{task}", f"expert {task}", lambda: self.suite.expert_state(task)
+            f"expert:{self.suite.key}:{task}",
+            f"expert {task}",
+            lambda: self.suite.expert_state(task),
         )
 
     def state_ref(self, label: str, state: dict[str, torch.Tensor], material) -> ModelRef:
@@ -78,11 +80,15 @@ class Context:
         return ModelRef(f"{label}:{stable_hash(material)}", label, lambda: state)
 
     # ------------------------------------------------------------------ features
-    def features(self, model: ModelRef, task: str, split: str, indices: np.ndarray | None = None) -> torch.Tensor:
+    def features(
+        self, model: ModelRef, task: str, split: str, indices: np.ndarray | None = None
+    ) -> torch.Tensor:
         """Embeddings of ``task``/``split`` (optionally a subset) through ``model``, cached."""
         images, _ = self.suite.split(task, split)
         idx = np.arange(images.shape[0]) if indices is None else np.asarray(indices, dtype=np.int64)
-        precision = "bf16-autocast" if (self.cfg.autocast and self.device.type == "cuda") else "fp32"
+        precision = (
+            "bf16-autocast" if (self.cfg.autocast and self.device.type == "cuda") else "fp32"
+        )
         material = {
             "model": model.key,
             "task": task,
@@ -163,8 +169,14 @@ def calibration_count(size, n: int, task: str = "?", split: str = "?") -> int:
 
 
 # ---------------------------------------------------------------------- tables
-def long_results(method: str, pref_set: str, accuracies: np.ndarray, tasks: list[str],
-                 expert_acc: dict[str, float], offset: int = 0) -> pd.DataFrame:
+def long_results(
+    method: str,
+    pref_set: str,
+    accuracies: np.ndarray,
+    tasks: list[str],
+    expert_acc: dict[str, float],
+    offset: int = 0,
+) -> pd.DataFrame:
     """(P, T) accuracies -> the tidy ``results`` frame of evaluation.plots."""
     P, T = accuracies.shape
     rows = {

@@ -41,7 +41,9 @@ class Tracker:
         init_timeout = float(cfg.get("init_timeout", 30))  # seconds W&B may take to answer
         for mode in modes:
             try:
-                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs)
+                self.run = wandb.init(
+                    mode=mode, settings=wandb.Settings(init_timeout=init_timeout), **kwargs
+                )
                 self.mode = mode
                 break
             except Exception as e:  # noqa: BLE001 - W&B must never fail the run
@@ -50,7 +52,11 @@ class Tracker:
         if self.run is not None and self.mode == "offline":
             self.message = (
                 f"W&B ran offline; upload later with: wandb sync {self.run_dir / 'wandb'}"
-                + (" (online was asked for but W&B was unreachable)" if cfg.mode == "online" else "")
+                + (
+                    " (online was asked for but W&B was unreachable)"
+                    if cfg.mode == "online"
+                    else ""
+                )
             )
 
     def _safe(self, fn, *args, **kwargs):

@@ -19,14 +19,18 @@ from pipeline.collect import write_collected  # noqa: E402
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("folder", nargs="?", type=Path)
     ap.add_argument("--latest", metavar="EXPERIMENT")
     ap.add_argument("--outputs", type=Path, default=Path("outputs"))
     a = ap.parse_args(argv)
     folder = a.folder
     if a.latest:
-        runs = sorted((a.outputs / "multirun" / a.latest).glob("*")) or sorted((a.outputs / "runs" / a.latest).glob("*"))
+        runs = sorted((a.outputs / "multirun" / a.latest).glob("*")) or sorted(
+            (a.outputs / "runs" / a.latest).glob("*")
+        )
         if not runs:
             raise SystemExit(f"no runs of experiment {a.latest!r} under {a.outputs}")
         folder = runs[-1]

@@ -32,8 +32,9 @@ from pipeline.suite import save_state  # noqa: E402
 PAPER_TASKS = ("SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD")
 
 
-def convert(src: Path, dst: Path, tasks: list[str] | None = None,
-            model_name: str | None = None) -> dict[str, Path]:
+def convert(
+    src: Path, dst: Path, tasks: list[str] | None = None, model_name: str | None = None
+) -> dict[str, Path]:
     """Convert ``src/zeroshot.pt`` and ``src/<Task>/finetuned.pt``; returns {name: written file}.
 
     ``tasks`` None: every task folder of ``src`` holding a ``finetuned.pt``. ``model_name``
@@ -61,8 +62,15 @@ def convert(src: Path, dst: Path, tasks: list[str] | None = None,
         if reference is not None:
             state = check_visual_state(state, reference, str(path))
         out = dst / f"{name}.safetensors"
-        save_state(out, state, {"source": str(path), "converted_by": "scripts/convert_task_vectors.py",
-                                "keys": "open_clip model.visual"})
+        save_state(
+            out,
+            state,
+            {
+                "source": str(path),
+                "converted_by": "scripts/convert_task_vectors.py",
+                "keys": "open_clip model.visual",
+            },
+        )
         written[name] = out
         print(f"{path} -> {out} ({len(state)} tensors)")
     return written
@@ -72,10 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("src", type=Path, help="folder with zeroshot.pt and <Task>/finetuned.pt")
     ap.add_argument("dst", type=Path, help="output folder for <name>.safetensors")
-    ap.add_argument("--tasks", nargs="+", default=None,
-                    help=f"task folders to convert (default: all present; the paper's: {' '.join(PAPER_TASKS)})")
-    ap.add_argument("--model-name", default=None,
-                    help="open_clip model name to check the converted keys and shapes against")
+    ap.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help=f"task folders to convert (default: all present; the paper's: {' '.join(PAPER_TASKS)})",
+    )
+    ap.add_argument(
+        "--model-name",
+        default=None,
+        help="open_clip model name to check the converted keys and shapes against",
+    )
     args = ap.parse_args(argv)
     convert(args.src, args.dst, args.tasks, args.model_name)
     return 0

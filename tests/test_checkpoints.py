@@ -64,7 +64,9 @@ def save_task_vectors_like(path: Path, clip: open_clip.CLIP, monkeypatch) -> Non
         torch.save(ImageEncoder(copy.deepcopy(clip)), path)
 
 
-def test_task_vectors_pickle_gives_the_visual_state_without_importing_its_classes(tmp_path, monkeypatch):
+def test_task_vectors_pickle_gives_the_visual_state_without_importing_its_classes(
+    tmp_path, monkeypatch
+):
     clip = tiny_clip(1)
     path = tmp_path / "Cars" / "finetuned.pt"
     save_task_vectors_like(path, clip, monkeypatch)
@@ -76,7 +78,9 @@ def test_task_vectors_pickle_gives_the_visual_state_without_importing_its_classe
         assert torch.equal(state[k], v), k
     assert "src.modeling" not in sys.modules  # the file's class was never imported
     obj = ckpt.safe_torch_load(path)
-    assert isinstance(obj, ckpt.PickledObject) and obj._pickled_global == "src.modeling.ImageEncoder"
+    assert (
+        isinstance(obj, ckpt.PickledObject) and obj._pickled_global == "src.modeling.ImageEncoder"
+    )
     # and the tower it describes computes what the original computes
     visual = open_clip.CLIP(**CLIP_KWARGS).visual.eval()
     visual.load_state_dict(state)
@@ -167,10 +171,15 @@ def hf_config(act: str = "quick_gelu"):
 
     v = CLIP_KWARGS["vision_cfg"]
     return CLIPVisionConfig(
-        hidden_size=v["width"], intermediate_size=int(v["width"] * v["mlp_ratio"]),
-        num_hidden_layers=v["layers"], num_attention_heads=v["width"] // v["head_width"],
-        image_size=v["image_size"], patch_size=v["patch_size"],
-        projection_dim=CLIP_KWARGS["embed_dim"], hidden_act=act, layer_norm_eps=1e-5,
+        hidden_size=v["width"],
+        intermediate_size=int(v["width"] * v["mlp_ratio"]),
+        num_hidden_layers=v["layers"],
+        num_attention_heads=v["width"] // v["head_width"],
+        image_size=v["image_size"],
+        patch_size=v["patch_size"],
+        projection_dim=CLIP_KWARGS["embed_dim"],
+        hidden_act=act,
+        layer_norm_eps=1e-5,
     )
 
 
@@ -198,8 +207,10 @@ def test_hf_mapping_gives_the_same_image_embeddings():
     assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
     # q, k, v rows are stacked in that order
     w = hf.state_dict()
-    assert torch.equal(state["transformer.resblocks.1.attn.in_proj_weight"][32:64],
-                       w["vision_model.encoder.layers.1.self_attn.k_proj.weight"])
+    assert torch.equal(
+        state["transformer.resblocks.1.attn.in_proj_weight"][32:64],
+        w["vision_model.encoder.layers.1.self_attn.k_proj.weight"],
+    )
     # the mapping is not vacuous: a GELU tower gives different embeddings
     gelu = open_clip.CLIP(**{**CLIP_KWARGS, "quick_gelu": False}).visual.eval()
     gelu.load_state_dict(state)
@@ -226,8 +237,9 @@ def test_load_hf_folder_with_and_without_projection(tmp_path):
     bare = random_hf(8, projection=False)  # a CLIPVisionModel, like the FusionBench experts
     bare.save_pretrained(tmp_path / "bare")
     pretrained_proj = torch.randn(32, 16)
-    state, info = ckpt.load_hf_visual(str(tmp_path / "bare"), fallback_proj=pretrained_proj,
-                                      quick_gelu=True)
+    state, info = ckpt.load_hf_visual(
+        str(tmp_path / "bare"), fallback_proj=pretrained_proj, quick_gelu=True
+    )
     assert torch.equal(state["proj"], pretrained_proj)
     assert "pretrained" in info["projection"]
     assert torch.equal(state["conv1.weight"], bare.get_input_embeddings().weight)
@@ -256,8 +268,9 @@ def test_state_files_full_clip_or_visual_safetensors_and_weights_only_pt(tmp_pat
 
 def test_check_visual_state_names_bad_keys_and_casts():
     ref = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
-    out = ckpt.check_visual_state({"a": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(4)},
-                                  ref, "x")
+    out = ckpt.check_visual_state(
+        {"a": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(4)}, ref, "x"
+    )
     assert out["a"].dtype == torch.float32 and torch.equal(out["a"], torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"missing \['b'\]"):
         ckpt.check_visual_state({"a": torch.ones(2, 3)}, ref, "x")
@@ -274,7 +287,9 @@ def test_missing_resources_are_reported_together_with_fixes(tmp_path, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty cache
     refs = [
         ckpt.CheckpointRef("expert GTSRB", "hf", "tanganke/clip-vit-base-patch32_gtsrb"),
-        ckpt.CheckpointRef("expert Cars", "task_vectors", str(tmp_path / "tv" / "Cars" / "finetuned.pt")),
+        ckpt.CheckpointRef(
+            "expert Cars", "task_vectors", str(tmp_path / "tv" / "Cars" / "finetuned.pt")
+        ),
         ckpt.CheckpointRef("expert DTD", "state_dict", str(tmp_path / "DTD.safetensors")),
     ]
     (tmp_path / "DTD.safetensors").write_bytes(b"")  # present: not reported
@@ -293,10 +308,16 @@ def test_whole_transformers_clipmodel_folder_gives_its_vision_tower(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
 
     torch.manual_seed(10)
-    text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=4, projection_dim=16)
-    cfg = CLIPConfig(text_config=text.to_dict(), vision_config=hf_config().to_dict(),
-                     projection_dim=16)
+    text = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        projection_dim=16,
+    )
+    cfg = CLIPConfig(
+        text_config=text.to_dict(), vision_config=hf_config().to_dict(), projection_dim=16
+    )
     full = CLIPModel(cfg).eval()
     full.save_pretrained(tmp_path / "clip")
     state, info = ckpt.load_hf_visual(str(tmp_path / "clip"), quick_gelu=True)
@@ -326,9 +347,13 @@ def test_unreachable_hub_is_asked_once_then_reported_for_every_hub_entry(tmp_pat
         raise ConnectionError("network is down")
 
     monkeypatch.setattr(HfApi, "repo_info", no_network)
-    res = [ckpt.Resource("a", "hub_model", "org/a", "fix a"),
-           ckpt.Resource("b", "hub_dataset", "org/b", "fix b")]
+    res = [
+        ckpt.Resource("a", "hub_model", "org/a", "fix a"),
+        ckpt.Resource("b", "hub_dataset", "org/b", "fix b"),
+    ]
     missing = ckpt.missing_resources(res)
     assert calls == ["org/a"]
     assert [r.location for r, _ in missing] == ["org/a", "org/b"]
-    assert all(why.startswith(ckpt.HUB_UNREACHABLE) and "network is down" in why for _, why in missing)
+    assert all(
+        why.startswith(ckpt.HUB_UNREACHABLE) and "network is down" in why for _, why in missing
+    )

@@ -47,8 +47,9 @@ def write_dataset(path: Path, seed: int) -> dict:
     from PIL import Image
 
     rng = np.random.default_rng(seed)
-    feats = datasets.Features({"image": datasets.Image(),
-                               "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    feats = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[str(i) for i in range(10)])}
+    )
     parts, raw = {}, {}
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         imgs = []
@@ -88,10 +89,17 @@ def hf_expert(path: Path, seed: int):
 
     v = CLIP_KWARGS["vision_cfg"]
     torch.manual_seed(seed)
-    model = CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        image_size=v["image_size"], patch_size=v["patch_size"], hidden_act="quick_gelu",
-    )).eval()
+    model = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=v["image_size"],
+            patch_size=v["patch_size"],
+            hidden_act="quick_gelu",
+        )
+    ).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -101,20 +109,37 @@ def hf_expert(path: Path, seed: int):
 
 def make_cfg(root: Path, **over) -> dict:
     cfg = {
-        "name": "paper8", "tasks": list(TASKS), "data_root": str(root / "data"), "hub_ids": {},
-        "val_fraction": 0.1, "val_seed": 0, "max_per_split": MAX, "subset_seed": 0,
-        "num_workers": 2, "device": "cpu", "text_batch_size": 7,
+        "name": "paper8",
+        "tasks": list(TASKS),
+        "data_root": str(root / "data"),
+        "hub_ids": {},
+        "val_fraction": 0.1,
+        "val_seed": 0,
+        "max_per_split": MAX,
+        "subset_seed": 0,
+        "num_workers": 2,
+        "device": "cpu",
+        "text_batch_size": 7,
         "backbone": {
-            "name": "tiny", "model_name": None, "clip_kwargs": CLIP_KWARGS,
+            "name": "tiny",
+            "model_name": None,
+            "clip_kwargs": CLIP_KWARGS,
             "pretrained": str(root / "pretrained.safetensors"),
             "experts": {
-                "source": "hf", "pretrained": None,
+                "source": "hf",
+                "pretrained": None,
                 "hf": {"template": str(root / "hf" / "{task}"), "revision": None},
-                "task_vectors": {"root": None}, "state_dict": {"template": None},
+                "task_vectors": {"root": None},
+                "state_dict": {"template": None},
                 "overrides": {
-                    "EuroSAT": {"source": "task_vectors",
-                                "location": str(root / "tv" / "EuroSAT" / "finetuned.pt")},
-                    "SVHN": {"source": "state_dict", "location": str(root / "sd" / "SVHN.safetensors")},
+                    "EuroSAT": {
+                        "source": "task_vectors",
+                        "location": str(root / "tv" / "EuroSAT" / "finetuned.pt"),
+                    },
+                    "SVHN": {
+                        "source": "state_dict",
+                        "location": str(root / "sd" / "SVHN.safetensors"),
+                    },
                 },
             },
         },
@@ -126,19 +151,28 @@ def make_cfg(root: Path, **over) -> dict:
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("paper8")
     clip = tiny_clip(0)
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()},
-              str(root / "pretrained.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in clip.state_dict().items()},
+        str(root / "pretrained.safetensors"),
+    )
     raw = {t: write_dataset(root / "data" / t, seed) for seed, t in enumerate(TASKS)}
-    experts = {"MNIST": hf_expert(root / "hf" / "MNIST", 1), "EuroSAT": tiny_clip(2), "SVHN": tiny_clip(3)}
+    experts = {
+        "MNIST": hf_expert(root / "hf" / "MNIST", 1),
+        "EuroSAT": tiny_clip(2),
+        "SVHN": tiny_clip(3),
+    }
     save_task_vectors_like(root / "tv" / "EuroSAT" / "finetuned.pt", experts["EuroSAT"])
     (root / "sd").mkdir()
-    save_file({k: v.contiguous() for k, v in experts["SVHN"].state_dict().items()},  # whole CLIP
-              str(root / "sd" / "SVHN.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in experts["SVHN"].state_dict().items()},  # whole CLIP
+        str(root / "sd" / "SVHN.safetensors"),
+    )
     cfg = make_cfg(root)
     cache = Cache(root / "cache")
     suite = paper8.build(cfg, cache, progress=False)
-    return types.SimpleNamespace(root=root, clip=clip, raw=raw, experts=experts, cfg=cfg,
-                                 cache=cache, suite=suite)
+    return types.SimpleNamespace(
+        root=root, clip=clip, raw=raw, experts=experts, cfg=cfg, cache=cache, suite=suite
+    )
 
 
 # ---------------------------------------------------------------------- the built suite
@@ -201,7 +235,9 @@ def test_heads_are_unit_rows_equal_to_a_direct_recomputation(world):
         rows = []
         with torch.no_grad():
             for name in facts[task]["classnames"]:  # one class at a time, row by row
-                e = world.clip.encode_text(tok([t.replace("{c}", name) for t in facts[task]["templates"]]))
+                e = world.clip.encode_text(
+                    tok([t.replace("{c}", name) for t in facts[task]["templates"]])
+                )
                 m = torch.stack([row / row.norm() for row in e]).mean(0)
                 rows.append(m / m.norm())
         assert torch.allclose(h, torch.stack(rows), atol=1e-5), task
@@ -256,12 +292,22 @@ def test_missing_sources_raise_one_error_before_any_work(world, tmp_path, empty_
 
 def test_real_backbones_resolve_to_quickgelu_and_name_the_hub(empty_hf_cache):
     suite_cfg = OmegaConf.load(ROOT / "configs" / "suite" / "paper8.yaml")
-    hf_names = {"SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45",
-                "EuroSAT": "eurosat", "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd"}
+    hf_names = {
+        "SUN397": "sun397",
+        "Cars": "stanford-cars",
+        "RESISC45": "resisc45",
+        "EuroSAT": "eurosat",
+        "SVHN": "svhn",
+        "GTSRB": "gtsrb",
+        "MNIST": "mnist",
+        "DTD": "dtd",
+    }
     assert list(suite_cfg.tasks) == list(hf_names)
-    for file, name, arch in (("vit_b32", "ViT-B-32", "clip-vit-base-patch32"),
-                             ("vit_b16", "ViT-B-16", "clip-vit-base-patch16"),
-                             ("vit_l14", "ViT-L-14", "clip-vit-large-patch14")):
+    for file, name, arch in (
+        ("vit_b32", "ViT-B-32", "clip-vit-base-patch32"),
+        ("vit_b16", "ViT-B-16", "clip-vit-base-patch16"),
+        ("vit_l14", "ViT-L-14", "clip-vit-large-patch14"),
+    ):
         bcfg = OmegaConf.load(ROOT / "configs" / "backbone" / f"{file}.yaml")
         paper8.validate(suite_cfg, bcfg)
         b = paper8.resolve_backbone(bcfg)
@@ -272,15 +318,20 @@ def test_real_backbones_resolve_to_quickgelu_and_name_the_hub(empty_hf_cache):
         pre, refs = paper8.checkpoint_refs(cfg)
         assert pre is None
         assert {t: r.location for t, r in refs.items()} == {
-            t: f"tanganke/{arch}_{s}" for t, s in hf_names.items()}
+            t: f"tanganke/{arch}_{s}" for t, s in hf_names.items()
+        }
         with pytest.raises(ckpt.MissingResourceError) as err:
             paper8.check_sources(cfg)
         assert len(err.value.missing) == 17  # weights + 8 datasets + 8 experts
         assert f"open_clip.create_model('{name}-quickgelu', pretrained='openai')" in str(err.value)
     # the task-vectors release layout
-    cfg = paper8._as_config(suite_cfg, OmegaConf.merge(
-        OmegaConf.load(ROOT / "configs" / "backbone" / "vit_b32.yaml"),
-        {"experts": {"source": "task_vectors", "task_vectors": {"root": "/ckpt/ViT-B-32"}}}))
+    cfg = paper8._as_config(
+        suite_cfg,
+        OmegaConf.merge(
+            OmegaConf.load(ROOT / "configs" / "backbone" / "vit_b32.yaml"),
+            {"experts": {"source": "task_vectors", "task_vectors": {"root": "/ckpt/ViT-B-32"}}},
+        ),
+    )
     pre, refs = paper8.checkpoint_refs(cfg)
     assert pre.location == "/ckpt/ViT-B-32/zeroshot.pt" and pre.kind == "task_vectors"
     assert refs["Cars"].location == "/ckpt/ViT-B-32/Cars/finetuned.pt"
@@ -289,9 +340,12 @@ def test_real_backbones_resolve_to_quickgelu_and_name_the_hub(empty_hf_cache):
 def test_suite_build_clip_reproduces_quickgelu_for_openai_weights():
     from pipeline.suite import build_clip
 
-    model = build_clip(paper8.resolve_backbone(
-        {"model_name": "ViT-B-32", "pretrained": "openai"}).model_config)
-    assert isinstance(model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
+    model = build_clip(
+        paper8.resolve_backbone({"model_name": "ViT-B-32", "pretrained": "openai"}).model_config
+    )
+    assert isinstance(
+        model.visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU
+    )
 
 
 def test_hydra_composes_suite_paper8_with_each_backbone():
@@ -304,15 +358,18 @@ def test_hydra_composes_suite_paper8_with_each_backbone():
             assert cfg.suite.name == "paper8" and cfg.backbone.name == b
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"tasks": ["MNIST", "Imagenet"]}, "unknown tasks"),
-    ({"max_per_split": 0}, "max_per_split"),
-    ({"val_fraction": 1.0}, "val_fraction"),
-    ({"backbone": {"model_name": "ViT-B-32"}}, "exactly one of model_name"),
-    ({"backbone": {"experts": {"source": "zip"}}}, "experts.source"),
-    ({"backbone": {"experts": {"source": "task_vectors"}}}, "task_vectors.root"),
-    ({"backbone": {"experts": {"overrides": {"MNIST": {"source": "hf"}}}}}, "overrides.MNIST"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"tasks": ["MNIST", "Imagenet"]}, "unknown tasks"),
+        ({"max_per_split": 0}, "max_per_split"),
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"backbone": {"model_name": "ViT-B-32"}}, "exactly one of model_name"),
+        ({"backbone": {"experts": {"source": "zip"}}}, "experts.source"),
+        ({"backbone": {"experts": {"source": "task_vectors"}}}, "task_vectors.root"),
+        ({"backbone": {"experts": {"overrides": {"MNIST": {"source": "hf"}}}}}, "overrides.MNIST"),
+    ],
+)
 def test_bad_configs_are_refused_with_the_key_named(tmp_path, change, message):
     with pytest.raises(ValueError, match=message):
         paper8.validate(make_cfg(tmp_path, **change))
@@ -325,7 +382,9 @@ def test_split_indices_subsets_are_seeded_subsets_of_the_full_splits():
     for s in ("train", "val", "test"):
         assert len(small[s][1]) == 50 and set(small[s][1]) <= set(full[s][1])
         assert np.array_equal(small[s][1], paper8.split_indices(1000, 300, 0.1, 0, 50, 1)[s][1])
-    assert not np.array_equal(small["test"][1], paper8.split_indices(1000, 300, 0.1, 0, 50, 2)["test"][1])
+    assert not np.array_equal(
+        small["test"][1], paper8.split_indices(1000, 300, 0.1, 0, 50, 2)["test"][1]
+    )
     assert sorted(np.concatenate([full["train"][1], full["val"][1]])) == list(range(1000))
 
 
@@ -347,12 +406,17 @@ def test_task_vectors_source_takes_the_pretrained_tower_from_zeroshot_pt(world):
     cfg = make_cfg(world.root)
     cfg.backbone.experts.source = "task_vectors"
     cfg.backbone.experts.task_vectors.root = str(world.root / "tv")
-    cfg.backbone.experts.overrides.MNIST = {"source": "hf", "location": str(world.root / "hf" / "MNIST")}
+    cfg.backbone.experts.overrides.MNIST = {
+        "source": "hf",
+        "location": str(world.root / "hf" / "MNIST"),
+    }
     cache = Cache(world.root / "cache")
     s = paper8.build(cfg, cache, progress=False)
     exp = zeroshot.visual.state_dict()
     assert all(torch.equal(s.pretrained_state()[k], v) for k, v in exp.items())
-    assert torch.equal(s.expert_state("MNIST")["proj"], zeroshot.visual.proj)  # completes the HF expert
+    assert torch.equal(
+        s.expert_state("MNIST")["proj"], zeroshot.visual.proj
+    )  # completes the HF expert
     assert s.info["pretrained"]["location"].endswith("zeroshot.pt")
     computed = {stage for stage, _, what in cache.events if what == "computed"}
     assert computed == {"paper8_pretrained", "paper8_expert"}  # images, backbone, heads reused

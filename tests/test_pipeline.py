@@ -46,8 +46,15 @@ def entry_run(tmp_path_factory, cache_dir) -> Path:
     out = tmp_path_factory.mktemp("entry")
     run_dir = out / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "pipeline.main", *FAST, f"paths.output_dir={out}",
-           f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.main",
+        *FAST,
+        f"paths.output_dir={out}",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ReACT pipeline finished" in proc.stdout
@@ -57,7 +64,11 @@ def entry_run(tmp_path_factory, cache_dir) -> Path:
 def test_entry_point_writes_every_artifact(entry_run):
     for name in ("results", "preferences", "reference", "scenarios", "fronts", "cost"):
         assert (entry_run / f"{name}.csv").is_file() and (entry_run / f"{name}.parquet").is_file()
-    for plot in ("pairwise_fronts_accuracy", "scenario_bars_average_accuracy", "simplex_react_simplex3_accuracy"):
+    for plot in (
+        "pairwise_fronts_accuracy",
+        "scenario_bars_average_accuracy",
+        "simplex_react_simplex3_accuracy",
+    ):
         assert (entry_run / "plots" / f"{plot}.png").stat().st_size > 10_000
         assert (entry_run / "plots" / f"{plot}.pdf").is_file()
     summary = json.loads((entry_run / "summary.json").read_text())
@@ -67,12 +78,22 @@ def test_entry_point_writes_every_artifact(entry_run):
     report = (entry_run / "report.md").read_text()
     assert "transductive" in report and "python -m pipeline.main" in report
     timings = json.loads((entry_run / "timings.json").read_text())
-    assert set(timings["stages"]) >= {"prepare", "merge", "features", "fit", "sweep", "evaluate", "report"}
+    assert set(timings["stages"]) >= {
+        "prepare",
+        "merge",
+        "features",
+        "fit",
+        "sweep",
+        "evaluate",
+        "report",
+    }
 
 
 def test_summary_and_fronts_recomputed_from_tables(entry_run):
     """HV / uniformity / alignment and the scenario averages, recomputed from results.csv."""
-    results = pd.read_parquet(entry_run / "results.parquet")  # full precision (CSV keeps 6 decimals)
+    results = pd.read_parquet(
+        entry_run / "results.parquet"
+    )  # full precision (CSV keeps 6 decimals)
     prefs = pd.read_parquet(entry_run / "preferences.parquet")
     fronts = pd.read_parquet(entry_run / "fronts.parquet")
     reference = pd.read_parquet(entry_run / "reference.parquet")
@@ -80,23 +101,35 @@ def test_summary_and_fronts_recomputed_from_tables(entry_run):
     tasks = summary["tasks"]
     expert = reference[reference.label == "expert"].set_index("task").accuracy
     # normalised accuracy = accuracy / expert accuracy, row by row
-    np.testing.assert_allclose(results.normalized_accuracy, results.accuracy / results.task.map(expert), atol=2e-6)
+    np.testing.assert_allclose(
+        results.normalized_accuracy, results.accuracy / results.task.map(expert), atol=2e-6
+    )
     assert results.accuracy.between(0, 1).all()
     for subset, set_name, cols in (("@3", "simplex3", summary["tasks3"]), ("@all", "grid", tasks)):
         sub = results[(results.pref_set == set_name) & (results.method == "react")]
-        pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[cols].to_numpy()
+        pts = sub.pivot(index="pref_id", columns="task", values="normalized_accuracy")[
+            cols
+        ].to_numpy()
         p = prefs[prefs.pref_set == set_name].sort_values("pref_id")[cols].to_numpy()
         got = fronts[(fronts.subset == subset)].set_index("metric").value
         # brute-force HV in low dimension would be slow at 4-D; the library is tested against
         # brute force in test_evaluation.py, here the table must equal a fresh computation
-        assert got["hypervolume"] == pytest.approx(100 * evaluation.hypervolume(pts).value, abs=1e-5)
+        assert got["hypervolume"] == pytest.approx(
+            100 * evaluation.hypervolume(pts).value, abs=1e-5
+        )
         assert got["uniformity"] == pytest.approx(float(evaluation.uniformity(p, pts)), abs=1e-5)
-        assert got["preference_alignment"] == pytest.approx(float(evaluation.preference_alignment(p, pts)), abs=1e-5)
+        assert got["preference_alignment"] == pytest.approx(
+            float(evaluation.preference_alignment(p, pts)), abs=1e-5
+        )
     eq = results[(results.pref_set == "equal")]
-    assert summary["scenarios"]["react"]["equal"]["average"] == pytest.approx(eq.accuracy.mean(), abs=1e-6)
+    assert summary["scenarios"]["react"]["equal"]["average"] == pytest.approx(
+        eq.accuracy.mean(), abs=1e-6
+    )
     oh = results[results.pref_set == "one_hot"]
     diag = [oh[(oh.pref_id == i) & (oh.task == t)].accuracy.item() for i, t in enumerate(tasks)]
-    assert summary["scenarios"]["react"]["one_hot"]["average"] == pytest.approx(np.mean(diag), abs=1e-6)
+    assert summary["scenarios"]["react"]["one_hot"]["average"] == pytest.approx(
+        np.mean(diag), abs=1e-6
+    )
 
 
 def _context(overrides, cache_dir):
@@ -148,8 +181,14 @@ def test_one_hot_recovers_expert_under_exact_linear_distortion(tmp_path, cache_d
         pre = suite.pretrained_state()
         paths = {}
         for t, task in enumerate(suite.tasks):
-            q, _ = torch.linalg.qr(torch.randn(pre["proj"].shape[1], pre["proj"].shape[1],
-                                               generator=torch.Generator().manual_seed(t), dtype=torch.float64))
+            q, _ = torch.linalg.qr(
+                torch.randn(
+                    pre["proj"].shape[1],
+                    pre["proj"].shape[1],
+                    generator=torch.Generator().manual_seed(t),
+                    dtype=torch.float64,
+                )
+            )
             state = {k: v.clone() for k, v in pre.items()}
             state["proj"] = (pre["proj"].double() @ q).float()
             paths[task] = tmp_path / f"{task}.safetensors"
@@ -157,13 +196,23 @@ def test_one_hot_recovers_expert_under_exact_linear_distortion(tmp_path, cache_d
         return dataclasses.replace(suite, expert_paths=paths, key=suite.key + "-linear-experts")
 
     monkeypatch.setattr(pm, "build_suite", linear_suite)
-    cfg = _compose([*FAST, f"paths.cache_dir={cache_dir}", "correction.beta=1e-9", "calibration.size=1.0",
-                    "preferences.sets=[one_hot]", f"paths.output_dir={tmp_path}"])
+    cfg = _compose(
+        [
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "correction.beta=1e-9",
+            "calibration.size=1.0",
+            "preferences.sets=[one_hot]",
+            f"paths.output_dir={tmp_path}",
+        ]
+    )
     summary = pm.run(cfg, tmp_path / "run")
     expert = summary["reference"]["expert"]
     one_hot = summary["scenarios"]["react"]["one_hot"]
     merged = summary["reference"]["merged (task_arithmetic)"]
-    assert any(abs(merged[t] - expert[t]) > 0.02 for t in summary["tasks"])  # the distortion matters
+    assert any(
+        abs(merged[t] - expert[t]) > 0.02 for t in summary["tasks"]
+    )  # the distortion matters
     for task in summary["tasks"]:
         assert one_hot[task] == pytest.approx(expert[task], abs=1e-9)
     # and the corrected features themselves equal the expert's
@@ -174,7 +223,9 @@ def test_one_hot_recovers_expert_under_exact_linear_distortion(tmp_path, cache_d
         z_m = ctx.features(ctx.merged, task, "test").double()
         z_e = ctx.features(ctx.expert_ref(task), task, "test").double()
         W = react.task_map(method.stats[t]).double()
-        torch.testing.assert_close(react.apply(W, z_m), z_e, atol=1e-4 * float(z_e.abs().max()), rtol=0)
+        torch.testing.assert_close(
+            react.apply(W, z_m), z_e, atol=1e-4 * float(z_e.abs().max()), rtol=0
+        )
 
 
 def _events(cache: Cache) -> dict[str, set[str]]:
@@ -193,7 +244,13 @@ def test_changed_config_invalidates_exactly_downstream(tmp_path, cache_dir, entr
         cfg = _compose(base + extra)
         pm.validate_config(cfg)
         cache = Cache(cache_dir)
-        pm._run(cfg, cache, torch.device("cpu"), _mkdir(tmp_path / name), pm.Tracker(cfg.logger, tmp_path, {}, group="t", name="t"))
+        pm._run(
+            cfg,
+            cache,
+            torch.device("cpu"),
+            _mkdir(tmp_path / name),
+            pm.Tracker(cfg.logger, tmp_path, {}, group="t", name="t"),
+        )
         return _events(cache)
 
     warm = run([], "warm")
@@ -203,7 +260,10 @@ def test_changed_config_invalidates_exactly_downstream(tmp_path, cache_dir, entr
     assert {"features", "merge"} <= beta["hit"]
     scale = run(["merge.scale=0.21"], "scale")
     assert scale["computed"] == {"merge", "features", "statistics", "sweep"}
-    assert not {"offline_dataset", "offline_images", "offline_pretrained", "offline_expert"} & scale["computed"]
+    assert (
+        not {"offline_dataset", "offline_images", "offline_pretrained", "offline_expert"}
+        & scale["computed"]
+    )
     calib = run(["calibration.size=0.5"], "calib")
     assert "merge" not in calib["computed"] and {"statistics", "sweep"} <= calib["computed"]
 
@@ -246,9 +306,17 @@ def test_unknown_task_and_backbone_are_named(tmp_path):
 
 def test_missing_checkpoint_names_where_it_looked(tmp_path):
     missing = tmp_path / "nowhere" / "{task}.safetensors"
-    cfg = _compose(["suite=paper8", "backbone=vit_b32", "logger=disabled", "backbone.experts.source=state_dict",
-                    f"backbone.experts.state_dict.template='{missing}'", "backbone.experts.pretrained=open_clip",
-                    f"paths.cache_dir={tmp_path / 'cache'}"])
+    cfg = _compose(
+        [
+            "suite=paper8",
+            "backbone=vit_b32",
+            "logger=disabled",
+            "backbone.experts.source=state_dict",
+            f"backbone.experts.state_dict.template='{missing}'",
+            "backbone.experts.pretrained=open_clip",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     with pytest.raises(Exception) as err:
         pm.run(cfg, tmp_path / "run")
     assert str(tmp_path / "nowhere") in str(err.value)
@@ -263,5 +331,7 @@ def test_statistics_file_answers_preferences_without_models(entry_run, cache_dir
     stats = react.load_statistics(method.stats_path)
     stats = stats[0] if isinstance(stats, tuple) else stats
     p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
-    torch.testing.assert_close(react.preference_map(stats, p, dtype=torch.float32), method.maps(p.numpy()))
+    torch.testing.assert_close(
+        react.preference_map(stats, p, dtype=torch.float32), method.maps(p.numpy())
+    )
     assert set(load_file(str(method.stats_path))) and method.stats_path.suffix == ".safetensors"

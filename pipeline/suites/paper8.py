@@ -116,11 +116,17 @@ class Backbone:
     def resource(self) -> Resource:
         what = "pretrained CLIP weights (open_clip)"
         if not self.tag:
-            return Resource(what, "file", self.pretrained,
-                            "a whole-CLIP state dict (safetensors or torch.save(model.state_dict()))")
+            return Resource(
+                what,
+                "file",
+                self.pretrained,
+                "a whole-CLIP state dict (safetensors or torch.save(model.state_dict()))",
+            )
         name = self.model_config["model_name"]
-        fix = (f"python -c \"import pipeline.compat, open_clip; open_clip.create_model("
-               f"'{name}', pretrained='{self.pretrained}')\"")
+        fix = (
+            f'python -c "import pipeline.compat, open_clip; open_clip.create_model('
+            f"'{name}', pretrained='{self.pretrained}')\""
+        )
         hub = os.path.split(str(self.tag.get("hf_hub") or ""))[0]  # open_clip: "org/name/[file]"
         if hub:
             return Resource(what, "hub_model", hub, fix + f"  (or: hf download {hub})")
@@ -132,7 +138,11 @@ def resolve_backbone(bcfg) -> Backbone:
     import open_clip
 
     bcfg = _plain(bcfg) or {}
-    name, kwargs, pretrained = bcfg.get("model_name"), bcfg.get("clip_kwargs"), bcfg.get("pretrained")
+    name, kwargs, pretrained = (
+        bcfg.get("model_name"),
+        bcfg.get("clip_kwargs"),
+        bcfg.get("pretrained"),
+    )
     if bool(name) == bool(kwargs):
         raise ValueError(
             "the backbone needs exactly one of model_name (an open_clip name, e.g. ViT-B-32) and "
@@ -140,16 +150,25 @@ def resolve_backbone(bcfg) -> Backbone:
             f"clip_kwargs={'set' if kwargs else None}"
         )
     if not pretrained:
-        raise ValueError("backbone.pretrained must be an open_clip tag (e.g. openai) or a checkpoint file")
+        raise ValueError(
+            "backbone.pretrained must be an open_clip tag (e.g. openai) or a checkpoint file"
+        )
     pretrained = str(pretrained)
     if kwargs:
         vision = kwargs.get("vision_cfg") or {}
         if "image_size" not in vision:
             raise ValueError("backbone.clip_kwargs.vision_cfg.image_size is required")
-        return Backbone({"clip_kwargs": kwargs}, pretrained, bool(kwargs.get("quick_gelu", False)),
-                        _side(vision["image_size"]), {})
+        return Backbone(
+            {"clip_kwargs": kwargs},
+            pretrained,
+            bool(kwargs.get("quick_gelu", False)),
+            _side(vision["image_size"]),
+            {},
+        )
     if name not in open_clip.list_models():
-        raise ValueError(f"backbone.model_name {name!r} is not an open_clip model (open_clip.list_models())")
+        raise ValueError(
+            f"backbone.model_name {name!r} is not an open_clip model (open_clip.list_models())"
+        )
     tag = open_clip.get_pretrained_cfg(name, pretrained) or {}
     if not tag and not _looks_like_path(pretrained):
         raise ValueError(
@@ -160,13 +179,20 @@ def resolve_backbone(bcfg) -> Backbone:
     quick = bool(model_cfg.get("quick_gelu", False))
     if tag.get("quick_gelu", False) and not quick:
         if f"{name}-quickgelu" not in open_clip.list_models():
-            raise ValueError(f"{name} weights {pretrained!r} need QuickGELU but open_clip has no "
-                             f"{name}-quickgelu config")
+            raise ValueError(
+                f"{name} weights {pretrained!r} need QuickGELU but open_clip has no "
+                f"{name}-quickgelu config"
+            )
         name, quick = f"{name}-quickgelu", True
         tag = open_clip.get_pretrained_cfg(name, pretrained) or tag
         model_cfg = open_clip.get_model_config(name)
-    return Backbone({"model_name": name}, pretrained, quick,
-                    _side(model_cfg["vision_cfg"]["image_size"]), dict(tag))
+    return Backbone(
+        {"model_name": name},
+        pretrained,
+        quick,
+        _side(model_cfg["vision_cfg"]["image_size"]),
+        dict(tag),
+    )
 
 
 def _side(size) -> int:
@@ -200,7 +226,9 @@ def load_clip(backbone: Backbone) -> torch.nn.Module:
         model = open_clip.CLIP(**backbone.model_config["clip_kwargs"])
         model.load_state_dict(_load_state(backbone.pretrained))
     elif backbone.tag:
-        model = open_clip.create_model(backbone.model_config["model_name"], pretrained=backbone.pretrained)
+        model = open_clip.create_model(
+            backbone.model_config["model_name"], pretrained=backbone.pretrained
+        )
     else:
         model = open_clip.create_model(backbone.model_config["model_name"], pretrained=None)
         model.load_state_dict(_load_state(backbone.pretrained))
@@ -235,16 +263,20 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
                     f"backbone.experts.overrides.{task} needs source (one of {SOURCES}) and "
                     f"location; got {_plain(over)}"
                 )
-            refs[task] = CheckpointRef(f"expert {task}", over.source, str(over.location),
-                                       over.get("revision"))
+            refs[task] = CheckpointRef(
+                f"expert {task}", over.source, str(over.location), over.get("revision")
+            )
             continue
         refs[task] = _expert_ref(e, source, task, facts[task])
     pre = e.get("pretrained")
     if pre is None:
         pre_ref = None
         if source == "task_vectors":
-            pre_ref = CheckpointRef("pretrained", "task_vectors",
-                                    str(Path(_required(e, "task_vectors", "root")) / "zeroshot.pt"))
+            pre_ref = CheckpointRef(
+                "pretrained",
+                "task_vectors",
+                str(Path(_required(e, "task_vectors", "root")) / "zeroshot.pt"),
+            )
     elif str(pre) == "open_clip":
         pre_ref = None
     else:
@@ -262,7 +294,9 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
 def _required(e, section: str, key: str) -> str:
     value = (e.get(section) or {}).get(key)
     if not value:
-        raise ValueError(f"backbone.experts.source={e.get('source')} needs backbone.experts.{section}.{key}")
+        raise ValueError(
+            f"backbone.experts.source={e.get('source')} needs backbone.experts.{section}.{key}"
+        )
     return str(value)
 
 
@@ -273,8 +307,11 @@ def _expert_ref(e, source: str, task: str, facts: dict) -> CheckpointRef:
         return CheckpointRef(f"expert {task}", "hf", loc, (e.get("hf") or {}).get("revision"))
     if source == "task_vectors":
         root = Path(_required(e, "task_vectors", "root"))
-        return CheckpointRef(f"expert {task}", "task_vectors",
-                             str(root / facts["task_vectors_name"] / "finetuned.pt"))
+        return CheckpointRef(
+            f"expert {task}",
+            "task_vectors",
+            str(root / facts["task_vectors_name"] / "finetuned.pt"),
+        )
     loc = _required(e, "state_dict", "template").format(**names)
     return CheckpointRef(f"expert {task}", "state_dict", loc)
 
@@ -300,18 +337,24 @@ class DataSource:
     def resource(self) -> Resource:
         facts = task_facts()[self.task]
         what = f"dataset of {self.task}"
-        args = f"'{facts['hub_id']}'" + (f", '{facts['config_name']}'" if facts["config_name"] else "")
+        args = f"'{facts['hub_id']}'" + (
+            f", '{facts['config_name']}'" if facts["config_name"] else ""
+        )
         if self.kind == "disk":
             return Resource(
-                what + " (a datasets save_to_disk folder)", "dir", self.location,
-                f"python -c \"import datasets; datasets.load_dataset({args}).save_to_disk("
+                what + " (a datasets save_to_disk folder)",
+                "dir",
+                self.location,
+                f'python -c "import datasets; datasets.load_dataset({args}).save_to_disk('
                 f"'{self.location}')\"  (or unset suite.data_root to read the hub)",
                 needs="dataset_dict.json",
             )
         hub_args = f"'{self.location}'" + (f", '{self.config_name}'" if self.config_name else "")
         return Resource(
-            what + " (Hugging Face hub)", "hub_dataset", self.location,
-            f"python -c \"import datasets; datasets.load_dataset({hub_args})\"  (with network), "
+            what + " (Hugging Face hub)",
+            "hub_dataset",
+            self.location,
+            f'python -c "import datasets; datasets.load_dataset({hub_args})"  (with network), '
             "or set suite.data_root to a folder of <Task>/ save_to_disk copies",
             revision=self.revision,
         )
@@ -345,7 +388,9 @@ def load_splits(source: DataSource) -> dict[str, Any]:
         ds = dd[theirs]
         for col in (facts["image_column"], facts["label_column"]):
             if col not in ds.column_names:
-                raise ValueError(f"{source.location}[{theirs}] has no column {col!r} ({ds.column_names})")
+                raise ValueError(
+                    f"{source.location}[{theirs}] has no column {col!r} ({ds.column_names})"
+                )
         label = ds.features[facts["label_column"]]
         n_cls = len(facts["classnames"])
         if isinstance(label, datasets.ClassLabel) and label.num_classes != n_cls:
@@ -408,8 +453,15 @@ def _decode_chunk(rows: np.ndarray) -> np.ndarray:
 
 
 def write_images(
-    ds, column: str, rows: np.ndarray, size: int, out_file: Path,
-    num_workers: int = 1, desc: str = "", progress: bool = False, chunk: int = _CHUNK,
+    ds,
+    column: str,
+    rows: np.ndarray,
+    size: int,
+    out_file: Path,
+    num_workers: int = 1,
+    desc: str = "",
+    progress: bool = False,
+    chunk: int = _CHUNK,
 ) -> None:
     """Decode ``ds[rows][column]`` with :func:`pipeline.suite.preprocess_pil` into ``out_file``.
 
@@ -417,8 +469,9 @@ def write_images(
     file ``pipeline.suite.write_split`` writes, without holding the split in memory; decoding
     runs in ``num_workers`` processes (``chunk`` images per task) when > 1.
     """
-    arr = np.lib.format.open_memmap(out_file, mode="w+", dtype=np.uint8,
-                                    shape=(len(rows), 3, size, size))
+    arr = np.lib.format.open_memmap(
+        out_file, mode="w+", dtype=np.uint8, shape=(len(rows), 3, size, size)
+    )
     chunks = [rows[i : i + chunk] for i in range(0, len(rows), chunk)]
     bar = None
     if progress:
@@ -457,30 +510,52 @@ def _num_workers(value) -> int:
     return int(value)
 
 
-def make_images(out: Path, source: DataSource, image_size: int, cfg: DictConfig, progress: bool) -> dict:
+def make_images(
+    out: Path, source: DataSource, image_size: int, cfg: DictConfig, progress: bool
+) -> dict:
     """The ``paper8_images`` unit: train / val / test folders of one task."""
     facts = task_facts()[source.task]
     splits = load_splits(source)
     n_cls = len(facts["classnames"])
-    plan = split_indices(len(splits["train"]), len(splits["test"]), float(cfg.val_fraction),
-                         int(cfg.val_seed), cfg.get("max_per_split"), int(cfg.get("subset_seed", 0)))
+    plan = split_indices(
+        len(splits["train"]),
+        len(splits["test"]),
+        float(cfg.val_fraction),
+        int(cfg.val_seed),
+        cfg.get("max_per_split"),
+        int(cfg.get("subset_seed", 0)),
+    )
     sizes, full = {}, {k: len(v) for k, v in splits.items()}
     for split, (src, rows) in plan.items():
         ds = splits[src]
-        labels = np.asarray(ds.select_columns([facts["label_column"]]).with_format("numpy")[
-            facts["label_column"]], dtype=np.int64)[rows]
+        labels = np.asarray(
+            ds.select_columns([facts["label_column"]]).with_format("numpy")[facts["label_column"]],
+            dtype=np.int64,
+        )[rows]
         if len(labels) and (labels.min() < 0 or labels.max() >= n_cls):
             raise ValueError(f"{source.location}[{src}] has labels outside 0..{n_cls - 1}")
         d = out / split
         d.mkdir(parents=True)
-        write_images(ds, facts["image_column"], rows, image_size, d / "images.npy",
-                     _num_workers(cfg.get("num_workers")), f"{source.task}/{split}", progress)
+        write_images(
+            ds,
+            facts["image_column"],
+            rows,
+            image_size,
+            d / "images.npy",
+            _num_workers(cfg.get("num_workers")),
+            f"{source.task}/{split}",
+            progress,
+        )
         np.save(d / "labels.npy", labels)
         np.save(d / "source_index.npy", rows)
         sizes[split] = int(len(rows))
     if full["test"] != facts["test_size"]:
-        log.warning("%s: the test split has %d images, the paper's has %d", source.task,
-                    full["test"], facts["test_size"])
+        log.warning(
+            "%s: the test split has %d images, the paper's has %d",
+            source.task,
+            full["test"],
+            facts["test_size"],
+        )
     return {"sizes": sizes, "full_sizes": full, "source": dataclasses.asdict(source)}
 
 
@@ -578,14 +653,19 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
         plans[f"images/{task}"] = _Plan(
             "paper8_images",
             {
-                "code": CODE_VERSIONS["images"], "source": src.material(),
+                "code": CODE_VERSIONS["images"],
+                "source": src.material(),
                 "facts": {k: facts[task][k] for k in ("splits", "image_column", "label_column")},
-                "classes": len(facts[task]["classnames"]), "image_size": backbone.image_size,
-                "val_fraction": float(cfg.val_fraction), "val_seed": int(cfg.val_seed),
-                "max_per_split": cfg.get("max_per_split"), "subset_seed": int(cfg.get("subset_seed", 0)),
+                "classes": len(facts[task]["classnames"]),
+                "image_size": backbone.image_size,
+                "val_fraction": float(cfg.val_fraction),
+                "val_seed": int(cfg.val_seed),
+                "max_per_split": cfg.get("max_per_split"),
+                "subset_seed": int(cfg.get("subset_seed", 0)),
             },
-            functools.partial(make_images, source=src, image_size=backbone.image_size, cfg=cfg,
-                              progress=progress),
+            functools.partial(
+                make_images, source=src, image_size=backbone.image_size, cfg=cfg, progress=progress
+            ),
             [src.resource()],
         )
 
@@ -597,15 +677,24 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
             "mean": list(backbone.tag.get("mean", OPENAI_MEAN)),
             "std": list(backbone.tag.get("std", OPENAI_STD)),
         }
-        save_state(out / "visual.safetensors", model.visual.state_dict(),
-                   {"role": "pretrained (open_clip)", "model_config": backbone.model_config,
-                    "pretrained": backbone.pretrained})
+        save_state(
+            out / "visual.safetensors",
+            model.visual.state_dict(),
+            {
+                "role": "pretrained (open_clip)",
+                "model_config": backbone.model_config,
+                "pretrained": backbone.pretrained,
+            },
+        )
         (out / "meta.json").write_text(json.dumps(meta))
         return meta
 
-    plans["backbone"] = _Plan("paper8_backbone",
-                              {"code": CODE_VERSIONS["backbone"], "backbone": backbone.material()},
-                              make_backbone, [backbone.resource()])
+    plans["backbone"] = _Plan(
+        "paper8_backbone",
+        {"code": CODE_VERSIONS["backbone"], "backbone": backbone.material()},
+        make_backbone,
+        [backbone.resource()],
+    )
     loaded: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     def load(plan: _Plan, name: str) -> dict[str, torch.Tensor]:
@@ -619,6 +708,7 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
 
     # ------------------------------------------------------------ pretrained tower
     if pre_ref is not None:
+
         def make_pretrained(out: Path) -> dict:
             state, info = ckpt.load_checkpoint(pre_ref, backbone_visual(), backbone.quick_gelu)
             save_state(out / "pretrained.safetensors", state, {"role": "pretrained", **info})
@@ -626,9 +716,13 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
 
         plans["pretrained"] = _Plan(
             "paper8_pretrained",
-            {"code": CODE_VERSIONS["pretrained"], "ref": pre_ref.material(),
-             "backbone": plans["backbone"].key},
-            make_pretrained, [pre_ref.resource()],
+            {
+                "code": CODE_VERSIONS["pretrained"],
+                "ref": pre_ref.material(),
+                "backbone": plans["backbone"].key,
+            },
+            make_pretrained,
+            [pre_ref.resource()],
         )
         pre_plan, pre_file = plans["pretrained"], "pretrained.safetensors"
     else:
@@ -646,19 +740,29 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
 
         plans[f"expert/{task}"] = _Plan(
             "paper8_expert",
-            {"code": CODE_VERSIONS["expert"], "task": task, "ref": ref.material(),
-             "pretrained": pre_plan.key, "quick_gelu": backbone.quick_gelu},
-            make_expert, [ref.resource()],
+            {
+                "code": CODE_VERSIONS["expert"],
+                "task": task,
+                "ref": ref.material(),
+                "pretrained": pre_plan.key,
+                "quick_gelu": backbone.quick_gelu,
+            },
+            make_expert,
+            [ref.resource()],
         )
 
     # ------------------------------------------------------------ zero-shot heads
     from .. import zeroshot
 
     for task in tasks:
+
         def make_head(out: Path, task=task) -> dict:
             head = zeroshot.zeroshot_head(
-                holder.model, zeroshot.tokenizer_for(backbone.model_config),
-                facts[task]["classnames"], facts[task]["templates"], device,
+                holder.model,
+                zeroshot.tokenizer_for(backbone.model_config),
+                facts[task]["classnames"],
+                facts[task]["templates"],
+                device,
                 int(cfg.get("text_batch_size", 256)),
             )
             save_state(out / "head.safetensors", {"head": head}, {"task": task})
@@ -666,21 +770,32 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
 
         plans[f"head/{task}"] = _Plan(
             "paper8_head",
-            {"code": CODE_VERSIONS["head"], "backbone": backbone.material(),
-             "classnames": facts[task]["classnames"], "templates": facts[task]["templates"]},
-            make_head, [backbone.resource()],
+            {
+                "code": CODE_VERSIONS["head"],
+                "backbone": backbone.material(),
+                "classnames": facts[task]["classnames"],
+                "templates": facts[task]["templates"],
+            },
+            make_head,
+            [backbone.resource()],
         )
 
     def make_heads(out: Path) -> None:
         heads = {t: _load(cache, plans[f"head/{t}"], "head.safetensors")["head"] for t in tasks}
-        save_state(out / "heads.safetensors", heads,
-                   {"kind": "CLIP zero-shot heads (task-vectors templates)",
-                    "classnames": {t: facts[t]["classnames"] for t in tasks}})
+        save_state(
+            out / "heads.safetensors",
+            heads,
+            {
+                "kind": "CLIP zero-shot heads (task-vectors templates)",
+                "classnames": {t: facts[t]["classnames"] for t in tasks},
+            },
+        )
 
     plans["heads"] = _Plan(
         "paper8_heads",
         {"code": CODE_VERSIONS["heads"], "heads": {t: plans[f"head/{t}"].key for t in tasks}},
-        make_heads, [],
+        make_heads,
+        [],
     )
 
     # ------------------------------------------------------------ sources, then compute
@@ -698,11 +813,17 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
     manifests = {name: cache.manifest(u) for name, u in units.items()}
     meta = json.loads(units["backbone"].file("meta.json").read_text())
     info = {
-        "backbone": {"model_config": backbone.model_config, "pretrained": backbone.pretrained,
-                     "quick_gelu": backbone.quick_gelu, "image_size": backbone.image_size},
+        "backbone": {
+            "model_config": backbone.model_config,
+            "pretrained": backbone.pretrained,
+            "quick_gelu": backbone.quick_gelu,
+            "image_size": backbone.image_size,
+        },
         "pretrained": dataclasses.asdict(pre_ref) if pre_ref else "open_clip weights",
-        "experts": {t: {**dataclasses.asdict(expert_refs[t]),
-                        **manifests[f"expert/{t}"]["extra"]} for t in tasks},
+        "experts": {
+            t: {**dataclasses.asdict(expert_refs[t]), **manifests[f"expert/{t}"]["extra"]}
+            for t in tasks
+        },
         "data": {t: manifests[f"images/{t}"]["extra"] for t in tasks},
         "split_sizes": {t: manifests[f"images/{t}"]["extra"]["sizes"] for t in tasks},
         "unit_keys": {name: u.key for name, u in units.items()},
