@@ -60,7 +60,13 @@ def collect(folder: Path) -> pd.DataFrame:
     jobs = sorted({p.parent for p in folder.rglob("summary.json")}, key=lambda p: p.name)
     if not jobs:
         raise FileNotFoundError(f"no summary.json under {folder}; did the runs finish?")
-    return pd.DataFrame([r for j in jobs for r in job_rows(j)])
+    df = pd.DataFrame([r for j in jobs for r in job_rows(j)])
+    per_job = df.groupby("job", sort=False).overrides.first().str.split(",")
+    if len(per_job) > 1:  # show what was swept: drop the overrides every job shares
+        common = set.intersection(*(set(o) for o in per_job))
+        kept = {job: ",".join(o for o in ov if o not in common) for job, ov in per_job.items()}
+        df["overrides"] = df.job.map(kept)
+    return df
 
 
 def to_markdown(df: pd.DataFrame) -> str:

@@ -335,3 +335,38 @@ def test_statistics_file_answers_preferences_without_models(entry_run, cache_dir
         react.preference_map(stats, p, dtype=torch.float32), method.maps(p.numpy())
     )
     assert set(load_file(str(method.stats_path))) and method.stats_path.suffix == ".safetensors"
+
+
+def test_submitit_local_multirun_shares_the_cache(tmp_path, cache_dir, entry_run):
+    """The SLURM launcher's code path (submitit's local executor): two jobs, one shared cache,
+    each job reuses the suite, merge and features of the entry-point run and computes only its
+    own statistics and sweeps; the multirun ends with its collected table."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.main",
+        "--multirun",
+        *FAST,
+        "launcher=slurm_local",
+        f"paths.output_dir={tmp_path}",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        "correction.beta=0.1,0.5",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*/summary.json"))
+    assert [json.loads(j.read_text())["correction"]["beta"] for j in jobs] == [0.1, 0.5]
+    for job in jobs:
+        events = json.loads((job.parent / "timings.json").read_text())["cache_events"]
+        computed = {stage for stage, _, e in events if e == "computed"}
+        assert not computed & {
+            "merge",
+            "features",
+            "offline_images",
+            "offline_pretrained",
+            "offline_expert",
+        }
+    collected = pd.read_csv(tmp_path / "sweep" / "collected.csv")
+    assert sorted(collected.overrides.unique()) == ["correction.beta=0.1", "correction.beta=0.5"]
