@@ -352,7 +352,13 @@ def _plots(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     if any(s.startswith("pairwise:") for s in sets):
-        written += plots.plot_pairwise_fronts(results, prefs_df, reference, tasks, out_dir)
+        # non-controllable methods (one accuracy per task) appear as reference points
+        swept = results[results.pref_set.str.startswith("pairwise:")].method.unique()
+        fixed = results[~results.method.isin(swept) & (results.pref_set == "equal")]
+        points = fixed.assign(label=fixed.method + " (fixed)")[reference.columns]
+        front_reference = pd.concat([reference, points], ignore_index=True)
+        controllable = results[results.method.isin(swept)]
+        written += plots.plot_pairwise_fronts(controllable, prefs_df, front_reference, tasks, out_dir)
     if "simplex3" in sets:
         for method in results.method.unique():
             if (results[(results.method == method)].pref_set == "simplex3").any():
