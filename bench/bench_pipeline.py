@@ -179,6 +179,7 @@ def bench_features(args, device, out: list[str]) -> None:
                     batch_size=bs,
                     device=device,
                     autocast=True,
+                    num_workers=4 if device.type == "cuda" else 0,  # as the pipeline (feature_workers)
                 )
 
             def plain(k=None, visual=visual, preprocess=preprocess):
