@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 
 import merging
 from pipeline.cache import stable_hash
-from pipeline.features import accuracy_from_features
 from pipeline.merge import IndexedImages
 from pipeline.methods import Method, model_accuracies, register
 from pipeline.stages import Context, ModelRef, calibration_split
@@ -36,8 +35,16 @@ def _cfg(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
-def _calibration(ctx: Context) -> dict:
-    return {t: ctx.calibration[t].tolist() for t in ctx.tasks}
+def _calibrated_material(ctx: Context, cfg, **extra) -> dict:
+    """Cache-key material of an offline stage trained on the base merge's calibration data."""
+    return {
+        "merged": ctx.merged.key,
+        "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
+        "split": calibration_split(ctx.cfg.calibration.source),
+        "cfg": _cfg(cfg),
+        **extra,
+        "version": CODE_VERSION,
+    }
 
 
 class ParetoMerging(Method):
@@ -49,26 +56,19 @@ class ParetoMerging(Method):
         t0 = time.perf_counter()
         c = self.cfg
         split = calibration_split(ctx.cfg.calibration.source)
-        material = {
-            "merged": ctx.merged.key,
-            "calibration": _calibration(ctx),
-            "split": split,
-            "cfg": _cfg(c),
-            "device_type": ctx.device.type,  # training is not bit-equal across devices
-            "version": CODE_VERSION,
-        }
+        # training is not bit-equal across devices
+        material = _calibrated_material(ctx, c, device_type=ctx.device.type)
         dev, suite = ctx.device, ctx.suite
 
         def compute(out: Path):
             base = ctx.merged.state()
-            heads = suite.heads()
             images = [
                 IndexedImages(np.ascontiguousarray(suite.split(t, split)[0][ctx.calibration[t]]))
                 for t in ctx.tasks
             ]
             factors = pm.init_factors(base, len(ctx.tasks), int(c.rank), seed=int(c.seed))
             factors = pm.train_factors(
-                base, factors, ctx.visual(), [heads[t] for t in ctx.tasks], images,
+                base, factors, ctx.visual(), [ctx.heads[t] for t in ctx.tasks], images,
                 steps=int(c.steps), lr=float(c.lr), batch_size=int(c.batch_size), logit_scale=suite.logit_scale,
                 prepare=lambda b: normalize_images(b.to(dev), suite.mean, suite.std),
                 seed=int(c.seed), device=dev, progress=ctx.progress,
@@ -96,8 +96,7 @@ class ParetoMerging(Method):
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        heads = ctx.suite.heads()
-        out = np.stack([model_accuracies(ctx, self.model(ctx, p), heads) for p in prefs])
+        out = np.stack([model_accuracies(ctx, self.model(ctx, p)) for p in prefs])
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)
@@ -117,12 +116,9 @@ class MAP(Method):
         before = ctx.forward_passes.get(self.SAMPLE_LABEL, 0)
 
         def compute(out: Path):
-            heads = ctx.suite.heads()
             T = len(ctx.tasks)
             scalings = map_lib.sample_scalings(T, c.samples, seed=int(c.seed))
-            acc = np.stack(
-                [self._accuracies(ctx, s, "val", heads, self.SAMPLE_LABEL) for s in scalings]
-            )
+            acc = np.stack([self._accuracies(ctx, s, "val", self.SAMPLE_LABEL) for s in scalings])
             coefs = np.stack(
                 [
                     map_lib.fit_quadratic(scalings, acc[:, k], how=c.fit, eps=float(c.fit_eps))
@@ -157,31 +153,21 @@ class MAP(Method):
         self.cost["forward_passes"] = self._offline_passes
         self.cost["offline_seconds"] += time.perf_counter() - t0
 
-    def _accuracies(
-        self, ctx: Context, scaling: np.ndarray, split: str, heads, label: str
-    ) -> np.ndarray:
+    def _accuracies(self, ctx: Context, scaling: np.ndarray, split: str, label: str) -> np.ndarray:
         """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (features cached per scaling)."""
-        if not hasattr(self, "_states"):
-            self._states = (ctx.suite.pretrained_state(), ctx.suite.expert_states())
-        pre, experts = self._states
         s = np.round(np.asarray(scaling, dtype=np.float64), 12).tolist()
         ref = ModelRef(
             f"map:{ctx.suite.key}:{stable_hash(s)}",
             label,
-            lambda: merging.weighted_task_arithmetic(pre, experts, s),
+            lambda: merging.weighted_task_arithmetic(*ctx.task_vector_inputs, s),
         )
-        return np.array([
-            float(accuracy_from_features(ctx.features(ref, t, split), heads[t], ctx.labels(t, split), ctx.suite.logit_scale))
-            for t in ctx.tasks
-        ])  # fmt: skip
+        return model_accuracies(ctx, ref, split)
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        heads = ctx.suite.heads()
         chosen = map_lib.select(self.front_f, prefs)
         rows = {
-            i: self._accuracies(ctx, self.front_x[i], "test", heads, self.name)
-            for i in np.unique(chosen)
+            i: self._accuracies(ctx, self.front_x[i], "test", self.name) for i in np.unique(chosen)
         }
         out = np.stack([rows[i] for i in chosen])
         self.cost["query_seconds"] += time.perf_counter() - t0
@@ -201,14 +187,7 @@ class Surgery(Method):
         t0 = time.perf_counter()
         c = self.cfg
         split = calibration_split(ctx.cfg.calibration.source)
-        material = {
-            "merged": ctx.merged.key,
-            "experts": ctx.suite.key,
-            "calibration": _calibration(ctx),
-            "split": split,
-            "cfg": _cfg(c),
-            "version": CODE_VERSION,
-        }
+        material = _calibrated_material(ctx, c, experts=ctx.suite.key)
 
         def compute(out: Path):
             adapters, first, last = [], [], []
@@ -249,12 +228,12 @@ class Surgery(Method):
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         if self._per_task is None:
-            heads = ctx.suite.heads()
-            self._per_task = np.array([
-                float(accuracy_from_features(self.adapters[t](ctx.features(ctx.merged, t, "test")), heads[t],
-                                             ctx.labels(t, "test"), ctx.suite.logit_scale))
-                for t in ctx.tasks
-            ])  # fmt: skip
+            self._per_task = np.array(
+                [
+                    ctx.accuracy(self.adapters[t](ctx.features(ctx.merged, t, "test")), t)
+                    for t in ctx.tasks
+                ]
+            )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         return np.tile(self._per_task, (len(prefs), 1))

@@ -30,7 +30,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -47,6 +46,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 import torch  # noqa: E402
+from benchlib import run_sections  # noqa: E402
 
 import pipeline  # noqa: E402,F401  (torchvision guard first)
 
@@ -65,21 +65,6 @@ PAPER_TEST_SIZES = {  # pipeline/suites/paper8_tasks.json test_size
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    s = f"{os.cpu_count()}-core {cpu}"
-    if device.type == "cuda":
-        s = f"{torch.cuda.get_device_name(device)} + {s}"
-    return s
 
 
 # ------------------------------------------------------------------------------ 1. features
@@ -179,7 +164,9 @@ def bench_features(args, device, out: list[str]) -> None:
                     batch_size=bs,
                     device=device,
                     autocast=True,
-                    num_workers=4 if device.type == "cuda" else 0,  # as the pipeline (feature_workers)
+                    num_workers=4
+                    if device.type == "cuda"
+                    else 0,  # as the pipeline (feature_workers)
                 )
 
             def plain(k=None, visual=visual, preprocess=preprocess):
@@ -479,22 +466,18 @@ def main(argv=None):
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    out = [
-        "# Pipeline benchmark\n",
-        f"Command: `python bench/bench_pipeline.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
-        + f"  \nMachine: {machine(device)}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average before the run {os.getloadavg()[0]:.1f}\n",
-    ]
-    only = args.only or ["features", "stage", "cache"]
-    if "features" in only:
-        bench_features(args, device, out)
-    if "stage" in only:
-        bench_stage(args, device, out)
-    if "cache" in only:
-        bench_cache(args, device, out)
-    out.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
-    print("\n".join(out))
+    run_sections(
+        "Pipeline benchmark",
+        "bench/bench_pipeline.py",
+        argv,
+        device,
+        {
+            "features": lambda out: bench_features(args, device, out),
+            "stage": lambda out: bench_stage(args, device, out),
+            "cache": lambda out: bench_cache(args, device, out),
+        },
+        args.only,
+    )
 
 
 if __name__ == "__main__":

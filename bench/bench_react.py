@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchlib import run_sections  # noqa: E402
 
 from correction import react  # noqa: E402
 
@@ -280,27 +281,19 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but CUDA is not available")
-    machine = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"{os.cpu_count()}-core {platform.machine()} CPU"
+    run_sections(
+        "ReACT core benchmark",
+        "bench/bench_react.py",
+        argv,
+        device,
+        {
+            "maps": lambda out: bench_maps(args, device, out),
+            "statistics": lambda out: bench_statistics(args, device, out),
+            "memory": lambda out: bench_memory(args, device, out),
+        },
+        args.only,
+        note=" (other jobs share this machine)",
     )
-    t0 = time.perf_counter()
-    out = [
-        "# ReACT core benchmark\n",
-        f"Command: `python bench/bench_react.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip()
-        + f"  \nMachine: {machine}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average before the run {os.getloadavg()[0]:.1f} (other jobs share this machine)\n",
-    ]
-    only = args.only or ["maps", "statistics", "memory"]
-    if "maps" in only:
-        bench_maps(args, device, out)
-    if "statistics" in only:
-        bench_statistics(args, device, out)
-    if "memory" in only:
-        bench_memory(args, device, out)
-    out.append(f"Total benchmark time: {time.perf_counter() - t0:.0f} s.")
-    print("\n".join(out))
 
 
 if __name__ == "__main__":

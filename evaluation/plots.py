@@ -109,7 +109,8 @@ def _colours(names: Sequence[str]) -> dict[str, object]:
     return {n: cmap(i % 10) for i, n in enumerate(names)}
 
 
-def _save(fig: Figure, out_dir, stem: str) -> list[Path]:
+def save_figure(fig: Figure, out_dir, stem: str) -> list[Path]:
+    """Write ``fig`` as ``<stem>.png`` and ``<stem>.pdf`` in the project's style."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
@@ -311,7 +312,7 @@ def plot_pairwise_fronts(
 ) -> list[Path]:
     """Write ``pairwise_fronts_<metric>.png/.pdf`` (see ``pairwise_fronts_figure``)."""
     fig = pairwise_fronts_figure(results, preferences, reference, tasks, pairs=pairs, metric=metric)
-    return _save(fig, out_dir, f"pairwise_fronts_{metric}")
+    return save_figure(fig, out_dir, f"pairwise_fronts_{metric}")
 
 
 # ----------------------------------------------------------------------------- simplex maps
@@ -425,7 +426,7 @@ def plot_simplex_maps(
         results, preferences, tasks3, method=method, pref_set=pref_set, metric=metric
     )
     method = method if method is not None else results.method.iloc[0]
-    return _save(fig, out_dir, f"simplex_{_slug(method)}_{_slug(pref_set)}_{metric}")
+    return save_figure(fig, out_dir, f"simplex_{_slug(method)}_{_slug(pref_set)}_{metric}")
 
 
 # ----------------------------------------------------------------------------- scenario bars
@@ -506,7 +507,7 @@ def plot_scenario_bars(
 ) -> list[Path]:
     """Write ``scenario_bars_<value>.png/.pdf`` (see ``scenario_bars_figure``)."""
     fig = scenario_bars_figure(table, value=value, reference=reference)
-    return _save(fig, out_dir, f"scenario_bars_{_slug(value)}")
+    return save_figure(fig, out_dir, f"scenario_bars_{_slug(value)}")
 
 
 # ----------------------------------------------------------------------------- cost
@@ -538,4 +539,4 @@ def cost_figure(cost_df: pd.DataFrame) -> Figure:
 
 def plot_cost(cost_df: pd.DataFrame, out_dir) -> list[Path]:
     """Write ``cost.png/.pdf`` (see ``cost_figure``)."""
-    return _save(cost_figure(cost_df), out_dir, "cost")
+    return save_figure(cost_figure(cost_df), out_dir, "cost")

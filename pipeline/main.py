@@ -59,9 +59,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
     resolve_tasks3(tasks, cfg.tasks3)
     calibration_split(cfg.calibration.source)
-    calibration_count(
-        cfg.calibration.size, sys.maxsize
-    )  # type and range; the split size comes later
+    # type and range of calibration.size now; its bound by the split size once the suite is built
+    calibration_count(cfg.calibration.size, sys.maxsize)
     c = cfg.correction
     if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
         raise ValueError(
@@ -109,6 +108,24 @@ def script_config(ap, argv: list[str] | None = None):
     return args, cfg
 
 
+def apply_runtime(cfg: DictConfig) -> torch.device:
+    """Threads and seeds from the config (the pipeline and every script); returns the device."""
+    if cfg.num_threads:
+        torch.set_num_threads(int(cfg.num_threads))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return resolve_device(cfg.device)
+
+
+def script_output_dir(out: Path | None, cfg: DictConfig, name: str) -> Path:
+    """``out``, or ``<paths.output_dir>/<name>/<time>``; created."""
+    out = (
+        Path(out) if out else Path(cfg.paths.output_dir) / name / time.strftime("%Y-%m-%d_%H-%M-%S")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def method_cfg(cfg: DictConfig, name: str):
     if name == "react":
         return cfg.correction
@@ -128,13 +145,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         raise PermissionError(
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
+    device = apply_runtime(cfg)
     cache = Cache(cfg.paths.cache_dir)
     cache.sweep_tmp()
-    device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = Tracker(
         cfg.logger,
@@ -191,8 +204,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     sets = preference_sets(cfg.preferences, tasks, tasks3)
     # ---- features of the fixed models (pretrained, merged, experts) on the test splits
     with ctx.timed("features"):
-        heads = suite.heads()
-        reference = _reference(ctx, heads)
+        reference = _reference(ctx)
     expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
     # ---- fit + sweep, per method
     frames, cost_rows = [], []
@@ -313,33 +325,22 @@ def _sweep(ctx: Context, method, set_name: str, p: np.ndarray, expert_acc: dict)
     return pd.read_parquet(unit.file("results.parquet"))
 
 
-def _reference(ctx: Context, heads) -> pd.DataFrame:
+def _reference(ctx: Context) -> pd.DataFrame:
+    """Test accuracy of the fixed models: pretrained, merged, and each expert on its own task."""
     rows = []
     for label, ref in (
         ("pretrained", ctx.pretrained_ref()),
         (f"merged ({ctx.cfg.merge.name})", ctx.merged),
     ):
-        accs = model_accuracies(ctx, ref, heads)
-        rows += [(label, t, float(a)) for t, a in zip(ctx.tasks, accs, strict=True)]
-    for t in ctx.tasks:
-        from .features import accuracy_from_features
-
-        z = ctx.features(ctx.expert_ref(t), t, "test")
-        rows.append(
-            (
-                "expert",
-                t,
-                float(
-                    accuracy_from_features(
-                        z, heads[t], ctx.labels(t, "test"), ctx.suite.logit_scale
-                    )
-                ),
-            )
-        )
+        rows += [
+            (label, t, float(a)) for t, a in zip(ctx.tasks, model_accuracies(ctx, ref), strict=True)
+        ]
+    rows += [
+        ("expert", t, ctx.accuracy(ctx.features(ctx.expert_ref(t), t, "test"), t))
+        for t in ctx.tasks
+    ]
     df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
-    expert = dict(
-        zip(df[df.label == "expert"].task, df[df.label == "expert"].accuracy, strict=True)
-    )
+    expert = df[df.label == "expert"].set_index("task").accuracy
     df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
     return df
 
@@ -358,7 +359,9 @@ def _plots(
         points = fixed.assign(label=fixed.method + " (fixed)")[reference.columns]
         front_reference = pd.concat([reference, points], ignore_index=True)
         controllable = results[results.method.isin(swept)]
-        written += plots.plot_pairwise_fronts(controllable, prefs_df, front_reference, tasks, out_dir)
+        written += plots.plot_pairwise_fronts(
+            controllable, prefs_df, front_reference, tasks, out_dir
+        )
     if "simplex3" in sets:
         for method in results.method.unique():
             if (results[(results.method == method)].pref_set == "simplex3").any():

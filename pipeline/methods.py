@@ -106,17 +106,18 @@ class ReACT(Method):
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         out = np.zeros((len(prefs), len(ctx.tasks)))
-        heads = ctx.suite.heads()
-        normalize = bool(self.cfg.normalize_features)
-        for j, task in enumerate(ctx.tasks):
+        test = []  # per task: merged test features, labels, head (on the device)
+        for task in ctx.tasks:
             z = ctx.features(ctx.merged, task, "test").to(ctx.device)
-            if normalize:
+            if self.cfg.normalize_features:
                 z = torch.nn.functional.normalize(z, dim=-1)
-            y = ctx.labels(task, "test").to(ctx.device)
-            head = heads[task].to(ctx.device)
-            chunk = max(1, PREF_CHUNK_BYTES // (4 * z.numel()))
-            for s in range(0, len(prefs), chunk):
-                W = self.maps(prefs[s : s + chunk]).to(ctx.device)
+            test.append(
+                (z, ctx.labels(task, "test").to(ctx.device), ctx.heads[task].to(ctx.device))
+            )
+        chunk = max(1, PREF_CHUNK_BYTES // (4 * max(z.numel() for z, _, _ in test)))
+        for s in range(0, len(prefs), chunk):
+            W = self.maps(prefs[s : s + chunk]).to(ctx.device)  # one solve per preference
+            for j, (z, y, head) in enumerate(test):
                 corrected = react.apply(W, z)  # (P, N, D)
                 out[s : s + chunk, j] = (
                     accuracy_from_features(corrected, head, y, ctx.suite.logit_scale).cpu().numpy()
@@ -133,8 +134,6 @@ class PreferenceTaskArithmetic(Method):
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        pre, experts = ctx.suite.pretrained_state(), ctx.suite.expert_states()
-        heads = ctx.suite.heads()
         out = np.zeros((len(prefs), len(ctx.tasks)))
         for i, p in enumerate(prefs):
             recipe = {
@@ -146,32 +145,19 @@ class PreferenceTaskArithmetic(Method):
                 f"pref_ta:{_hash(recipe)}",
                 "pref_ta",
                 lambda p=p: merging.preference_task_arithmetic(
-                    pre, experts, p.tolist(), scale=self.cfg.scale
+                    *ctx.task_vector_inputs, p.tolist(), scale=self.cfg.scale
                 ),
             )
-            out[i] = model_accuracies(ctx, ref, heads)
+            out[i] = model_accuracies(ctx, ref)
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = ctx.forward_passes.get("pref_ta", 0)
         return out
 
 
-def model_accuracies(ctx: Context, ref: ModelRef, heads=None) -> np.ndarray:
-    """Test accuracy of one model on every task (features cached per model key)."""
-    heads = heads or ctx.suite.heads()
-    return np.array(
-        [
-            float(
-                accuracy_from_features(
-                    ctx.features(ref, t, "test"),
-                    heads[t],
-                    ctx.labels(t, "test"),
-                    ctx.suite.logit_scale,
-                )
-            )
-            for t in ctx.tasks
-        ]
-    )
+def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.ndarray:
+    """Accuracy of one model on every task's ``split`` (features cached per model key)."""
+    return np.array([ctx.accuracy(ctx.features(ref, t, split), t, split) for t in ctx.tasks])
 
 
 def _hash(material) -> str:

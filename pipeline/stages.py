@@ -10,6 +10,7 @@ paper's algorithm box by calling these in order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cache import Cache, stable_hash
-from .features import extract_features
+from .features import accuracy_from_features, extract_features
 from .suite import Suite
 
 
@@ -58,6 +59,25 @@ class Context:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    @functools.cached_property
+    def heads(self) -> dict[str, torch.Tensor]:
+        """The suite's frozen per-task heads, read once per context."""
+        return self.suite.heads()
+
+    @functools.cached_property
+    def task_vector_inputs(self) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+        """(pretrained, experts) state dicts, read once and only when a merge must be built
+        (a sweep whose features are all cached never reads them)."""
+        return self.suite.pretrained_state(), self.suite.expert_states()
+
+    def accuracy(self, features: torch.Tensor, task: str, split: str = "test") -> float:
+        """Top-1 accuracy of ``features`` (all of ``task``/``split``) under the task's head."""
+        return float(
+            accuracy_from_features(
+                features, self.heads[task], self.labels(task, split), self.suite.logit_scale
+            )
+        )
 
     def visual(self) -> torch.nn.Module:
         if self._visual is None:

@@ -52,8 +52,14 @@ from omegaconf import OmegaConf, open_dict  # noqa: E402
 
 import pipeline  # noqa: E402,F401  (torchvision guard first)
 from pipeline.cache import Cache, stable_hash  # noqa: E402
-from pipeline.features import resolve_device  # noqa: E402
-from pipeline.main import load_suite, method_cfg, prepare_context, script_config  # noqa: E402
+from pipeline.main import (  # noqa: E402
+    apply_runtime,
+    load_suite,
+    method_cfg,
+    prepare_context,
+    script_config,
+    script_output_dir,
+)
 from pipeline.methods import build_method  # noqa: E402
 from pipeline.report import md_table  # noqa: E402
 from pipeline.suite import Suite  # noqa: E402
@@ -173,8 +179,6 @@ def summarise(raw: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot(summary: pd.DataFrame, n_prefs: int, out: Path, label: str) -> list[Path]:
-    import matplotlib as mpl
-
     from evaluation import plots
 
     rows = []
@@ -200,11 +204,7 @@ def plot(summary: pd.DataFrame, n_prefs: int, out: Path, label: str) -> list[Pat
         f"Cost vs number of tasks T\n(offline stage; answering + scoring {n_prefs} preferences)\n{label}",
         fontsize=9.5,
     )
-    paths = [out / "cost.png", out / "cost.pdf"]
-    with mpl.rc_context(plots.STYLE):
-        fig.savefig(paths[0], dpi=plots.DPI)
-        fig.savefig(paths[1])
-    return paths
+    return plots.save_figure(fig, out, "cost")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -230,14 +230,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args, cfg = script_config(ap, argv)
     if args.n_prefs < 1 or args.repeats < 1 or args.min_tasks < 2:
         ap.error("--n-prefs and --repeats must be >= 1, --min-tasks >= 2")
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = args.out or Path(cfg.paths.output_dir) / "cost_vs_tasks" / time.strftime(
-        "%Y-%m-%d_%H-%M-%S"
-    )
-    out.mkdir(parents=True, exist_ok=True)
+    device = apply_runtime(cfg)
+    out = script_output_dir(args.out, cfg, "cost_vs_tasks")
     scratch = out / ".scratch"
     scratch.mkdir(exist_ok=True)
 

@@ -44,9 +44,9 @@ import torch  # noqa: E402
 
 import pipeline  # noqa: E402,F401  (torchvision guard first)
 from correction import react  # noqa: E402
+from evaluation.plots import save_figure  # noqa: E402
 from pipeline.cache import Cache  # noqa: E402
-from pipeline.features import resolve_device  # noqa: E402
-from pipeline.main import prepare_context, script_config  # noqa: E402
+from pipeline.main import apply_runtime, prepare_context, script_config, script_output_dir  # noqa: E402
 from pipeline.methods import build_method  # noqa: E402
 
 MODELS = ("expert", "merged", "ReACT one-hot", "ReACT equal")
@@ -113,18 +113,6 @@ def run_tsne(points: pd.DataFrame, seed: int, perplexity: float) -> pd.DataFrame
         )
     out[["joint_x", "joint_y"]] = tsne(points[cols].to_numpy(np.float64), seed, perplexity)
     return out
-
-
-def _save(fig, out: Path, stem: str) -> list[Path]:
-    import matplotlib as mpl
-
-    from evaluation import plots
-
-    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
-    with mpl.rc_context(plots.STYLE):
-        fig.savefig(paths[0], dpi=plots.DPI)
-        fig.savefig(paths[1])
-    return paths
 
 
 def _grid(n: int, ncols_max: int = 4) -> tuple[int, int]:
@@ -236,12 +224,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     args, cfg = script_config(ap, argv)
     if args.max_per_task < 2:
         ap.error("--max-per-task must be >= 2")
-    if cfg.num_threads:
-        torch.set_num_threads(int(cfg.num_threads))
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = args.out or Path(cfg.paths.output_dir) / "tsne" / time.strftime("%Y-%m-%d_%H-%M-%S")
-    out.mkdir(parents=True, exist_ok=True)
+    device = apply_runtime(cfg)
+    out = script_output_dir(args.out, cfg, "tsne")
 
     t0 = time.perf_counter()
     points, tasks = embeddings(cfg, args.max_per_task, device)
@@ -250,12 +234,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     t2 = time.perf_counter()
     xy.to_csv(out / "tsne_points.csv", index=False)
     label = f"{cfg.suite.name} suite, merge {cfg.merge.name}, beta {cfg.correction.beta}"
-    written = _save(
+    written = save_figure(
         figure_by_task(xy, tasks, f"t-SNE per task of test embeddings ({label})"),
         out,
         "tsne_by_task",
     )
-    written += _save(
+    written += save_figure(
         figure_by_model(
             xy, tasks, f"Joint t-SNE of all tasks' test embeddings, by model ({label})"
         ),
