@@ -32,7 +32,7 @@ from .evaluate import (
     scenario_table,
 )
 from .features import resolve_device
-from .merge import load_merged, run_merge, validate_merge_config
+from .merge import load_merged, merge_conventions, run_merge, validate_merge_config
 from .methods import build_method, model_accuracies
 from .report import build_summary, markdown_report, write_summary, write_table
 from .stages import (
@@ -256,6 +256,8 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         "tasks3": tasks3,
         "seed": int(cfg.seed),
         "merge": OmegaConf.to_container(cfg.merge, resolve=True),
+        "merge_conventions": merge_conventions(cfg.merge),
+        "pretrained_tower": suite.info.get("pretrained_tower"),
         "correction": OmegaConf.to_container(cfg.correction, resolve=True),
         "methods": list(cfg.methods) + list(cfg.fixed_methods),
         "calibration": {

@@ -6,7 +6,9 @@ costs go to ``timings.json`` and ``cost.csv``.
 
 summary.json schema (``"schema": "react-merging/summary/v1"``)::
 
-    {schema, suite, backbone, tasks, tasks3, seed, merge{...}, correction{...},
+    {schema, suite, backbone, tasks, tasks3, seed, merge{...}, merge_conventions (TIES
+     conventions in words, or null), pretrained_tower (where the suite's pretrained image
+     tower came from, or null), correction{...},
      calibration{source, split, size, counts{task: n}, overlaps_evaluation, note},
      reference{label: {task: accuracy, ..., average}},          # pretrained, merged, expert
      scenarios{method: {scenario: {task: accuracy, ..., average, normalized_average}}},
@@ -86,6 +88,11 @@ def markdown_report(
         "",
         f"Calibration: {summary['calibration']['note']}",
         "",
+    ]
+    for label, key in (("Pretrained tower", "pretrained_tower"), ("Merge", "merge_conventions")):
+        if summary.get(key):
+            lines += [f"{label}: {summary[key]}", ""]
+    lines += [
         "## Accuracy (%) per task",
         "",
         "| model | " + " | ".join(tasks) + " | avg |",

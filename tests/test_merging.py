@@ -649,3 +649,16 @@ def test_inputs_are_never_modified_and_outputs_do_not_alias_them():
         for sd in out if isinstance(out, list) else [out]:
             for t, src in itertools.product(sd.values(), inputs):
                 assert t.data_ptr() != src.data_ptr()
+
+
+@pytest.mark.parametrize("rules", [{}, PAPER_LITERAL])
+def test_adamerging_pp_passes_the_ties_conventions(rules):
+    """AdaMerging++ with all coefficients 1 is TIES "sum" at scale 1 under the same rules."""
+    pre, experts = conventions_case()
+    coefficients = torch.ones(len(experts))
+    res = merging.adamerging(
+        pre, experts, None, None, None, granularity="task", ties=True, density=0.25,
+        coefficients=coefficients, progress=False,
+        **{f"ties_{k}": v for k, v in rules.items()},
+    )  # fmt: skip
+    assert_states_close(res.state_dict, merging.ties(pre, experts, 1.0, 0.25, **rules))

@@ -107,6 +107,26 @@ def hf_expert(path: Path, seed: int):
     return model
 
 
+def hf_clip(path: Path, seed: int):
+    """A whole transformers CLIPModel (with projection, like openai/clip-vit-base-patch32),
+    its vision tower shaped as ``hf_expert``'s."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, max_position_embeddings=32),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8,
+                               hidden_act="quick_gelu"),
+            projection_dim=CLIP_KWARGS["embed_dim"],
+        )
+    ).eval()  # fmt: skip
+    model.save_pretrained(path)
+    return model
+
+
 def make_cfg(root: Path, **over) -> dict:
     cfg = {
         "name": "paper8",
@@ -128,7 +148,11 @@ def make_cfg(root: Path, **over) -> dict:
             "experts": {
                 "source": "hf",
                 "pretrained": None,
-                "hf": {"template": str(root / "hf" / "{task}"), "revision": None},
+                "hf": {
+                    "template": str(root / "hf" / "{task}"),
+                    "pretrained": None,
+                    "revision": None,
+                },
                 "task_vectors": {"root": None},
                 "state_dict": {"template": None},
                 "overrides": {
@@ -316,14 +340,20 @@ def test_real_backbones_resolve_to_quickgelu_and_name_the_hub(empty_hf_cache):
         assert b.image_size == 224
         cfg = paper8._as_config(suite_cfg, bcfg)
         pre, refs = paper8.checkpoint_refs(cfg)
-        assert pre is None
+        # the pretrained tower: by default the hub weights the experts were fine-tuned from
+        assert (pre.kind, pre.location) == ("hf", f"openai/{arch}")
         assert {t: r.location for t, r in refs.items()} == {
             t: f"tanganke/{arch}_{s}" for t, s in hf_names.items()
         }
         with pytest.raises(ckpt.MissingResourceError) as err:
             paper8.check_sources(cfg)
-        assert len(err.value.missing) == 17  # weights + 8 datasets + 8 experts
+        assert (
+            len(err.value.missing) == 18
+        )  # open_clip weights + hub tower + 8 datasets + 8 experts
         assert f"open_clip.create_model('{name}-quickgelu', pretrained='openai')" in str(err.value)
+        assert f"hf download openai/{arch}" in str(err.value)
+        cfg.backbone.experts.pretrained = "open_clip"  # the other choice
+        assert paper8.checkpoint_refs(cfg)[0] is None
     # the task-vectors release layout
     cfg = paper8._as_config(
         suite_cfg,
@@ -420,3 +450,37 @@ def test_task_vectors_source_takes_the_pretrained_tower_from_zeroshot_pt(world):
     assert s.info["pretrained"]["location"].endswith("zeroshot.pt")
     computed = {stage for stage, _, what in cache.events if what == "computed"}
     assert computed == {"paper8_pretrained", "paper8_expert"}  # images, backbone, heads reused
+
+
+def test_hf_source_takes_the_pretrained_tower_from_the_experts_hub_family(world):
+    """experts.source=hf, experts.pretrained=null: theta_0 is experts.hf.pretrained (a whole
+    transformers CLIP, mapped to open_clip keys), which also completes the experts' missing
+    projection; experts.pretrained=open_clip gives the open_clip weights instead."""
+    hub = hf_clip(world.root / "hf_pretrained", seed=7)
+    cfg = make_cfg(world.root)
+    cfg.backbone.experts.hf.pretrained = str(world.root / "hf_pretrained")
+    s = paper8.build(cfg, Cache(world.root / "cache"), progress=False)
+    x = s.preprocess(torch.from_numpy(np.array(s.split("MNIST", "test")[0])))
+    visual = s.build_visual().eval()
+    visual.load_state_dict(s.pretrained_state())
+    with torch.no_grad():
+        assert torch.allclose(
+            visual(x),
+            hub.visual_projection(hub.vision_model(pixel_values=x).pooler_output),
+            atol=1e-5,
+        )
+        proj = hub.visual_projection.weight.t()
+        assert torch.equal(s.pretrained_state()["proj"], proj)
+        assert torch.equal(s.expert_state("MNIST")["proj"], proj)  # completes the HF expert
+        visual.load_state_dict(s.expert_state("MNIST"))
+        ref = world.experts["MNIST"](pixel_values=x).pooler_output @ proj
+        assert torch.allclose(visual(x), ref, atol=1e-5)
+    assert s.info["pretrained_tower"].startswith(str(world.root / "hf_pretrained"))
+    assert "transformers CLIP checkpoint" in s.info["pretrained_tower"]
+    cfg.backbone.experts.pretrained = "open_clip"
+    other = paper8.build(cfg, Cache(world.root / "cache"), progress=False)
+    assert all(
+        torch.equal(other.pretrained_state()[k], v)
+        for k, v in world.clip.visual.state_dict().items()
+    )
+    assert other.info["pretrained_tower"].startswith("open_clip")
