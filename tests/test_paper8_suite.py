@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline import checkpoints as ckpt
 from pipeline.cache import Cache
@@ -484,3 +484,91 @@ def test_hf_source_takes_the_pretrained_tower_from_the_experts_hub_family(world)
         for k, v in world.clip.visual.state_dict().items()
     )
     assert other.info["pretrained_tower"].startswith("open_clip")
+
+
+@pytest.mark.slow
+def test_make_table1_paper8_vit_b32_on_local_stand_ins(world, tmp_path):
+    """`make table1 SUITE=paper8 BACKBONE=vit_b32` (the Makefile's own command line) on tiny
+    stand-ins of the real sources: FusionBench-like CLIPVisionModel experts (no projection)
+    and a whole transformers CLIP as the hub pretrained tower, with the config's defaults
+    (pretrained tower from the experts' hub family, the original TIES conventions)."""
+    import json
+    import os
+    import subprocess
+
+    from safetensors import safe_open
+    from test_make_targets import make_command
+
+    import merging
+
+    for seed, task in enumerate(TASKS):
+        hf_expert(tmp_path / "hf" / task, 20 + seed)
+    hub = hf_clip(tmp_path / "hub_pretrained", seed=21)
+    v, t = CLIP_KWARGS["vision_cfg"], CLIP_KWARGS["text_cfg"]
+    kwargs = (
+        f"{{embed_dim:{CLIP_KWARGS['embed_dim']},quick_gelu:true,"
+        f"vision_cfg:{{{','.join(f'{k}:{x}' for k, x in v.items())}}},"
+        f"text_cfg:{{{','.join(f'{k}:{x}' for k, x in t.items())}}}}}"
+    )
+    args = [
+        "logger=disabled", "progress=false", "num_threads=1", "device=cpu", "++merge.steps=2",
+        f"suite.tasks=[{','.join(TASKS)}]", f"suite.data_root={world.root / 'data'}",
+        f"suite.max_per_split={MAX}", "suite.num_workers=0", "suite.device=cpu",
+        "suite.text_batch_size=7", "backbone.model_name=null", f"backbone.clip_kwargs={kwargs}",
+        f"backbone.pretrained={world.root / 'pretrained.safetensors'}",
+        f"backbone.experts.hf.template='{tmp_path / 'hf' / '{task}'}'",
+        f"backbone.experts.hf.pretrained={tmp_path / 'hub_pretrained'}",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cmd = make_command("table1", args, ("SUITE=paper8", "BACKBONE=vit_b32"))
+    assert "suite=paper8" in cmd and "backbone=vit_b32" in cmd
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+
+    (sweep,) = (tmp_path / "out" / "multirun" / "table1").iterdir()
+    summaries = {}
+    for job in sorted(sweep.glob("[0-9]*/summary.json")):
+        summary = json.loads(job.read_text())
+        summaries[summary["merge"]["name"]] = (summary, (job.parent / "report.md").read_text())
+    assert set(summaries) == {
+        "adamerging_pp", "adamerging", "ties", "task_arithmetic", "lot", "weight_average"
+    }  # fmt: skip
+    assert (sweep / "collected.md").is_file()
+    for name, (summary, report) in summaries.items():
+        assert summary["backbone"] == "vit_b32" and summary["tasks"] == TASKS
+        assert summary["pretrained_tower"].startswith(str(tmp_path / "hub_pretrained"))
+        assert f"Pretrained tower: {summary['pretrained_tower']}" in report
+        if name in ("ties", "adamerging_pp"):
+            assert (summary["merge"]["keep_rule"], summary["merge"]["zero_sign"]) == (
+                "floor_plus_one",
+                "majority",
+            )
+            assert "int(0.2 N) + 1" in summary["merge_conventions"]
+            assert "majority sign" in summary["merge_conventions"]
+            assert f"Merge: {summary['merge_conventions']}" in report
+        else:
+            assert summary["merge_conventions"] is None and "Merge:" not in report
+
+    # the cached tower and experts: theta_0 is the hub CLIP's tower, whose projection also
+    # completes the experts; the TIES job merged exactly merging.ties with the defaults
+    def only(stage: str, file: str) -> list[Path]:
+        return sorted((tmp_path / "cache" / stage).glob(f"*/{file}"))
+
+    (pre_file,) = only("paper8_pretrained", "pretrained.safetensors")
+    pre = load_file(str(pre_file))
+    proj = hub.visual_projection.weight.detach().t()
+    assert torch.equal(pre["proj"], proj)
+    experts = {}
+    for f in only("paper8_expert", "expert.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            experts[json.loads(h.metadata()["task"])] = load_file(str(f))
+    assert sorted(experts) == sorted(TASKS)
+    assert all(torch.equal(e["proj"], proj) for e in experts.values())
+    merged = {}
+    for f in only("merge", "merged.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            merged[json.loads(h.metadata()["merge"])["name"]] = load_file(str(f))
+    want = merging.ties(pre, [experts[t] for t in TASKS], scale=0.3, density=0.2)
+    assert all(torch.equal(merged["ties"][k], want[k]) for k in want)
+    assert torch.equal(merged["ties"]["proj"], proj)  # no task vector: not merged, not counted
