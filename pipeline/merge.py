@@ -21,7 +21,15 @@ from .cache import Cache, Unit
 from .suite import Suite, normalize_images, save_state
 
 CODE_VERSION = 1  # bump when a merge implementation changes its numbers
-MERGES = ("task_arithmetic", "ties", "weight_average", "adamerging", "adamerging_pp", "lot")
+MERGES = (
+    "task_arithmetic",
+    "ties",
+    "weight_average",
+    "adamerging",
+    "adamerging_pp",
+    "lot",
+    "pretrained",
+)
 
 
 class IndexedImages:
@@ -59,7 +67,9 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
         t0 = time.perf_counter()
         pre, experts = suite.pretrained_state(), suite.expert_states()
         extra = {}
-        if cfg.name == "task_arithmetic":
+        if cfg.name == "pretrained":  # no merge: the correction is fitted on theta_0 itself
+            merged = pre
+        elif cfg.name == "task_arithmetic":
             merged = merging.task_arithmetic(pre, experts, scale=cfg.scale)
         elif cfg.name == "ties":
             merged = merging.ties(
