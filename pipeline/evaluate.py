@@ -5,6 +5,7 @@ Pure table-in/table-out code around the ``evaluation`` package (which holds the 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -15,6 +16,50 @@ import evaluation
 from evaluation import preferences as prefs_lib
 
 SCENARIOS = ("equal", "priority", "one_hot")
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """The evaluate stage's tables: what the report writes and W&B logs."""
+
+    results: pd.DataFrame  # method, pref_set, pref_id, task, accuracy, normalized_accuracy
+    preferences: pd.DataFrame
+    reference: pd.DataFrame  # pretrained / merged / expert accuracies
+    scenarios: pd.DataFrame  # equal / priority / one-hot per method
+    fronts: pd.DataFrame  # HV, uniformity, alignment at @3 / @all per controllable method
+    cost: pd.DataFrame  # per method: offline / query seconds, forward passes, device
+
+    def tables(self) -> dict[str, pd.DataFrame]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def evaluate(
+    frames: list[pd.DataFrame],
+    sets: dict[str, np.ndarray],
+    reference: pd.DataFrame,
+    cost_rows: list[dict],
+    tasks: list[str],
+    tasks3: list[str],
+    controllable: list[str],
+) -> Evaluation:
+    """The evaluate stage: the swept accuracies (``frames``) -> scenario table and front metrics
+    (HV, uniformity and alignment only for the ``controllable`` methods)."""
+    results = pd.concat(frames, ignore_index=True)
+    scenarios = scenario_table(results, tasks) if set(SCENARIOS) & set(sets) else pd.DataFrame()
+    fronts = front_metrics(results[results.method.isin(controllable)], sets, tasks, tasks3)
+    return Evaluation(
+        results=results,
+        preferences=preferences_frame(sets, tasks),
+        reference=reference,
+        scenarios=scenarios,
+        fronts=fronts,
+        cost=pd.DataFrame(cost_rows),
+    )
+
+
+def scenario_sets(sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The equal / priority / one-hot sets among ``sets`` (what fixed methods are scored on)."""
+    return {name: p for name, p in sets.items() if name in SCENARIOS}
 
 
 def resolve_tasks3(tasks: list[str], tasks3) -> list[str]:
