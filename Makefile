@@ -14,7 +14,7 @@ RUN := $(PY) -m pipeline.main suite=$(SUITE) backbone=$(BACKBONE)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare
+        ablation-aggregation tsne compare diagnostics
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -75,3 +75,7 @@ tsne: venv
 	$(PY) scripts/tsne.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
 compare: venv
 	$(RUN) experiment=compare $(ARGS)
+# the suite's regime (zero-shot, experts, TA / TIES / AdaMerging, feature geometry, paper
+# targets), no ReACT or baseline result; ARGS="--fast" for 100 AdaMerging steps
+diagnostics: venv
+	$(PY) scripts/suite_diagnostics.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)

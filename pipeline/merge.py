@@ -56,12 +56,18 @@ def validate_merge_config(cfg) -> None:
         raise ValueError(f"merge.density must be in (0, 1], got {cfg.density}")
 
 
-def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
-    """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
-    validate_merge_config(cfg)
+def merge_material(cfg, suite: Suite, device: torch.device) -> dict:
+    """What determines a merge's weights: the cache key material of ``run_merge``."""
     material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
     if cfg.name in ("adamerging", "adamerging_pp", "lot"):
         material["device_type"] = device.type  # learned merges are not bit-equal across devices
+    return material
+
+
+def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
+    """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
+    validate_merge_config(cfg)
+    material = merge_material(cfg, suite, device)
 
     def compute(out: Path):
         t0 = time.perf_counter()
