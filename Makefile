@@ -14,7 +14,7 @@ RUN := $(PY) -m pipeline.main suite=$(SUITE) backbone=$(BACKBONE)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare diagnostics
+        ablation-aggregation tsne compare diagnostics bounds
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -79,3 +79,6 @@ compare: venv
 # targets), no ReACT or baseline result; ARGS="--fast" for 100 AdaMerging steps
 diagnostics: venv
 	$(PY) scripts/suite_diagnostics.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+# oracle reference rows: ReACT on the whole test set, best linear maps trained with labels
+bounds: venv
+	$(PY) scripts/linear_bounds.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
