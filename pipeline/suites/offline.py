@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..cache import Cache, Unit, stable_hash
-from ..suite import Suite, save_state
+from ..suite import Suite, save_state, write_model_config
 from . import offline_data, offline_train
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,7 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         state, stats = offline_train.pretrain(
             model_config, pools, cfg.pretrain, mean, std, progress=progress
         )
+        write_model_config(out, model_config)
         save_state(
             out / "pretrained.safetensors",
             state,
