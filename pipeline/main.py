@@ -10,6 +10,8 @@ torchvision guard first.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,11 +22,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import compat  # noqa: F401
+from .artifacts import run_artifacts
 from .cache import Cache
 from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
 from .features import resolve_device
 from .merge import load_merged, run_merge, validate_merge_config
 from .methods import build_method, reference_accuracies, sweep
+from .paths import CONFIG_DIR, describe_cache
 from .report import run_meta, write_report, write_timings
 from .stages import (
     Context,
@@ -37,7 +41,6 @@ from .suites import build_suite
 from .tracking import Tracker, log_run
 
 log = logging.getLogger("react")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -136,6 +139,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
     device = apply_runtime(cfg)
+    log.info("run folder %s", run_dir)
+    log.info(describe_cache(Path(cfg.paths.cache_dir)))
     cache = Cache(cfg.paths.cache_dir)
     cache.sweep_tmp()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -181,6 +186,7 @@ def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=N
     with ctx.timed("merge"):
         merge_unit = run_merge(cfg.merge, suite, cache, device, progress=cfg.progress)
         merged_state = load_merged(merge_unit)
+        ctx.merged_path = merge_unit.file("merged.safetensors")
         ctx.merged = ModelRef(
             f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state
         )
@@ -194,12 +200,12 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
     with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
         reference = reference_accuracies(ctx)
-    frames, cost_rows = [], []
+    frames, cost_rows, methods = [], [], []
     for name, method_sets in [
         *((name, sets) for name in cfg.methods),  # controllable: every preference set
         *((name, scenario_sets(sets)) for name in cfg.fixed_methods),  # equal/priority/one-hot
     ]:
-        method = build_method(name, method_cfg(cfg, name))
+        methods.append(method := build_method(name, method_cfg(cfg, name)))
         with ctx.timed("fit"):
             method.fit(ctx)
         with ctx.timed("sweep"):
@@ -209,7 +215,8 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         ev = evaluate(frames, sets, reference, cost_rows, ctx.tasks, tasks3, list(cfg.methods))
     with ctx.timed("report"):
         meta = run_meta(cfg, ctx.suite, ctx.calibration, tasks3, sets)
-        summary, plots = write_report(run_dir, meta, ev, sets, tasks3)
+        artifacts = run_artifacts(ctx.suite, ctx.merged_path, methods, run_dir)
+        summary, plots = write_report(run_dir, meta, ev, sets, tasks3, artifacts)
     write_timings(run_dir, ctx.timings, cache.events)
     log_run(tracker, summary, ev, ctx.timings, plots)
     log.info("results in %s", run_dir)
@@ -226,17 +233,54 @@ def _with_backbone(cfg):
     )
 
 
+# what a user can fix (a config value, a missing file or package, a folder): one message, exit 2
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError)
+_task_started = False  # set once Hydra has composed a config and called the task function
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
+    global _task_started
+    _task_started = True
     logging.basicConfig(level=logging.INFO)
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, run_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the traceback, or Hydra's record of a failed job in a sweep
+        _remove_if_empty(run_dir)
+        print(
+            f"react-merging: error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr
+        )
+        sys.exit(2)
     _print_summary(summary, run_dir)
     return summary
+
+
+def cli() -> None:
+    """The console command (``react-merging``, ``python -m pipeline.main``): Hydra's app.
+    A config Hydra cannot compose (an unknown key, a bad override) is a user error too: exit 2."""
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing a result leaves no folder (only Hydra's own files)."""
+    if run_dir.is_dir() and all(
+        p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
+    ):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
@@ -253,4 +297,4 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli()

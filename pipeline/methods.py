@@ -47,6 +47,10 @@ class Method:
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:  # (P, T) -> (P, T)
         raise NotImplementedError
 
+    def artifacts(self) -> dict[str, Path]:
+        """Files of the offline stage worth naming in the run's artifacts.json."""
+        return {}
+
     def material(self) -> dict:
         """What, besides the upstream keys, determines this method's numbers."""
         from omegaconf import OmegaConf
@@ -97,6 +101,9 @@ class ReACT(Method):
         self.stats = _as_list(react.load_statistics(self.stats_path))
         self.cost["offline_seconds"] += time.perf_counter() - t0
         self.cost["forward_passes"] += passes
+
+    def artifacts(self) -> dict[str, Path]:
+        return {"statistics": self.stats_path}
 
     def maps(self, prefs: np.ndarray) -> torch.Tensor:
         p = torch.as_tensor(prefs, dtype=torch.float64)

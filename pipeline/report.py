@@ -6,7 +6,7 @@ costs go to ``timings.json`` and ``cost.csv``.
 
 summary.json schema (``"schema": "react-merging/summary/v1"``)::
 
-    {schema, suite, backbone, tasks, tasks3, seed, merge{...}, correction{...},
+    {schema, suite, backbone, tasks, tasks3, seed, preset ("full" | "fast"), merge{...}, correction{...},
      calibration{source, split, size, counts{task: n}, overlaps_evaluation, note},
      reference{label: {task: accuracy, ..., average}},          # pretrained, merged, expert
      scenarios{method: {scenario: {task: accuracy, ..., average, normalized_average}}},
@@ -33,19 +33,23 @@ SCHEMA = "react-merging/summary/v1"
 
 
 def write_report(
-    run_dir: Path, meta: dict, ev: Evaluation, sets: dict, tasks3: list[str]
+    run_dir: Path, meta: dict, ev: Evaluation, sets: dict, tasks3: list[str], artifacts: dict
 ) -> tuple[dict, list[Path]]:
-    """The report stage: every table of ``ev``, summary.json, plots and report.md in
-    ``run_dir``; returns (summary, plot files)."""
+    """The report stage: every table of ``ev``, summary.json, artifacts.json, plots and
+    report.md in ``run_dir``; returns (summary, plot files)."""
+    from . import artifacts as artifacts_lib
+
     for name, df in ev.tables().items():
         write_table(df, run_dir, name)
     summary = build_summary(meta, ev.reference, ev.scenarios, ev.fronts)
     write_summary(run_dir, summary)
     plots = write_plots(ev, sets, meta["tasks"], tasks3, run_dir / "plots")
     command = "python -m pipeline.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    artifacts_lib.write_artifacts(run_dir, artifacts)
     atomic_write_text(
         run_dir / "report.md",
-        markdown_report(summary, ev.scenarios, ev.fronts, ev.reference, ev.cost, command),
+        markdown_report(summary, ev.scenarios, ev.fronts, ev.reference, ev.cost, command)
+        + artifacts_lib.markdown_section(artifacts),
     )
     return summary, plots
 
@@ -69,6 +73,7 @@ def run_meta(cfg, suite, calibration: dict, tasks3: list[str], sets: dict) -> di
         "tasks": suite.tasks,
         "tasks3": tasks3,
         "seed": int(cfg.seed),
+        "preset": str(cfg.get("preset", "full")),
         "merge": OmegaConf.to_container(cfg.merge, resolve=True),
         "correction": OmegaConf.to_container(cfg.correction, resolve=True),
         "methods": list(cfg.methods) + list(cfg.fixed_methods),
@@ -179,6 +184,14 @@ def markdown_report(
         "",
         f"Command: `{command}`",
         "",
+        *(
+            [
+                f"**Preset `{summary['preset']}`: reduced settings (a smoke test, not the README's numbers).**",
+                "",
+            ]
+            if summary.get("preset", "full") != "full"
+            else []
+        ),
         f"Seed: {summary['seed']} (calibration subset seed {summary['calibration']['seed']})",
         "",
         f"Calibration: {summary['calibration']['note']}",

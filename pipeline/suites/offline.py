@@ -40,7 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..cache import Cache, Unit, stable_hash
-from ..suite import Suite, save_state
+from ..suite import Suite, save_state, write_model_config
 from . import offline_data, offline_text, offline_train
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,7 @@ def _simclr_units(cfg, cache: Cache, tasks, images_u, model_config, progress) ->
         state, stats = offline_train.pretrain(
             model_config, pools, cfg.pretrain, mean, std, progress=progress
         )
+        write_model_config(out, model_config)
         save_state(
             out / "pretrained.safetensors",
             state,
@@ -272,6 +273,7 @@ def _mini_clip_units(
         )
         stats = {**stats, "captions": kinds, "caption_examples": examples}
         visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        write_model_config(out, model_config)
         meta = {
             "suite": "offline",
             "model_config": model_config,
