@@ -4,4 +4,7 @@ The torchvision guard is imported first so every process that imports the pipeli
 (including Hydra joblib / submitit workers) can import open_clip on CPU-only torch.
 """
 
-from . import compat  # noqa: F401  (must come first)
+from . import (
+    compat,  # noqa: F401  (must come first)
+    paths,  # noqa: F401  (the ${project_root:} resolver of configs/paths)
+)
