@@ -168,15 +168,18 @@ def reference_ties(pre, experts, scale, density):
 
 
 def vit_b32_states(n_experts: int, layers: int = 12, seed: int = 0):
-    """The open_clip ViT-B/32 image tower's state dict (random weights; its first ``layers``
-    residual blocks) and ``n_experts`` experts = pretrained + 0.01 * N(0, 1), fp32."""
+    """State dicts shaped as the open_clip ViT-B/32 image tower (its first ``layers`` residual
+    blocks), pretrained = 0.02 * N(0, 1), and ``n_experts`` experts = pretrained + 0.01 *
+    N(0, 1), fp32."""
     import open_clip
 
-    torch.manual_seed(seed)
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    with torch.device("meta"):  # shapes only; the weights are drawn below
+        visual = open_clip.CLIP(**open_clip.get_model_config("ViT-B-32")).visual
     drop = tuple(f"transformer.resblocks.{i}." for i in range(layers, 12))
-    pre = {k: v.detach().clone() for k, v in visual.state_dict().items() if not k.startswith(drop)}
+    shapes = {k: v.shape for k, v in visual.state_dict().items() if not k.startswith(drop)}
     del visual
+    torch.manual_seed(seed)
+    pre = {k: 0.02 * torch.randn(shape) for k, shape in shapes.items()}
     experts = [
         {k: v + 0.01 * torch.randn_like(v) for k, v in pre.items()} for _ in range(n_experts)
     ]
@@ -338,7 +341,7 @@ def bench_fusionbench(n_experts: int, layers: int, python: str, threads: int) ->
                 f"{fb['seconds'] / sec:.1f}x | {fb['extra_peak_bytes'] / GB:.2f} | "
                 f"{extra / GB:.2f} | {differing:,} | {max_abs_diff(hub(out), fb_state):.1e} |"
             )
-            if method != "simple_average":  # no task vector: the pretrained projection
+            if method == "ties":  # no task vector: the pretrained projection, bit for bit
                 assert torch.equal(out["proj"], pre["proj"])
             if method == "ties":
                 ties_fb = fb_state
