@@ -585,14 +585,18 @@ def load_hf_visual(
     ``fallback_proj`` is used and ``info["projection"]`` says so. ``quick_gelu`` (the open_clip
     model's activation) must agree with the checkpoint's ``hidden_act``.
     """
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized visual_projection" notice
     try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+        if config.model_type == "clip":  # a whole CLIPModel: its projection size is the CLIP's
+            config.vision_config.projection_dim = config.projection_dim
+            config = config.vision_config
         model, loading = CLIPVisionModelWithProjection.from_pretrained(
-            location, revision=revision, output_loading_info=True
+            location, revision=revision, config=config, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)

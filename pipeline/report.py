@@ -6,7 +6,9 @@ costs go to ``timings.json`` and ``cost.csv``.
 
 summary.json schema (``"schema": "react-merging/summary/v1"``)::
 
-    {schema, suite, backbone, tasks, tasks3, seed, preset ("full" | "fast"), merge{...}, correction{...},
+    {schema, suite, backbone, tasks, tasks3, seed, preset ("full" | "fast"), merge{...},
+     merge_conventions (TIES conventions in words, or null), pretrained_tower (where the
+     suite's pretrained image tower came from, or null), correction{...},
      calibration{source, split, size, counts{task: n}, overlaps_evaluation, note},
      reference{label: {task: accuracy, ..., average}},          # pretrained, merged, expert
      scenarios{method: {scenario: {task: accuracy, ..., average, normalized_average}}},
@@ -27,6 +29,7 @@ from omegaconf import OmegaConf
 
 from .cache import atomic_write_text
 from .evaluate import Evaluation, priority_rule_text
+from .merge import merge_conventions
 from .stages import calibration_split
 
 SCHEMA = "react-merging/summary/v1"
@@ -75,6 +78,8 @@ def run_meta(cfg, suite, calibration: dict, tasks3: list[str], sets: dict) -> di
         "seed": int(cfg.seed),
         "preset": str(cfg.get("preset", "full")),
         "merge": OmegaConf.to_container(cfg.merge, resolve=True),
+        "merge_conventions": merge_conventions(cfg.merge),
+        "pretrained_tower": suite.info.get("pretrained_tower"),
         "correction": OmegaConf.to_container(cfg.correction, resolve=True),
         "methods": list(cfg.methods) + list(cfg.fixed_methods),
         "calibration": {
@@ -197,7 +202,16 @@ def markdown_report(
         "",
         f"Calibration: {summary['calibration']['note']}",
         "",
-        *([f"Preferences: {summary['priority_rule']}", ""] if summary.get("priority_rule") else []),
+        *(
+            line
+            for label, key in (
+                ("Pretrained tower", "pretrained_tower"),
+                ("Merge", "merge_conventions"),
+                ("Preferences", "priority_rule"),
+            )
+            if summary.get(key)
+            for line in (f"{label}: {summary[key]}", "")
+        ),
         "## Accuracy (%) per task",
         "",
         "| model | " + " | ".join(tasks) + " | avg |",

@@ -72,8 +72,10 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     return {"cache": base / "cache", "out": base / "out"}
 
 
-def make_command(target: str, args: list[str]) -> list[str]:
-    """The command ``make <target>`` runs (argv), read with ``make -n``."""
+def make_command(
+    target: str, args: list[str], variables: tuple[str, ...] = ("SUITE=offline_tiny",)
+) -> list[str]:
+    """The command ``make <target> <variables>`` runs (argv), read with ``make -n``."""
     proc = subprocess.run(
         [
             "make",
@@ -81,7 +83,7 @@ def make_command(target: str, args: list[str]) -> list[str]:
             "-o",
             ".venv/.installed",
             target,
-            "SUITE=offline_tiny",
+            *variables,
             f"PY={sys.executable}",
             f"ARGS={shlex.join(args)}",
         ],

@@ -245,9 +245,12 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
     - ``task_vectors``: ``<experts.task_vectors.root>/<Task>/finetuned.pt``;
     - ``state_dict``: ``experts.state_dict.template.format(task=..., suffix=...)``.
     ``experts.overrides.<Task>: {source, location}`` replaces one task's expert.
-    ``experts.pretrained``: null (task_vectors: ``<root>/zeroshot.pt``; else the open_clip
-    weights), ``open_clip``, or a location read in the experts' format (a ``.safetensors`` file
-    is always read as a state dict, a folder or hub id as transformers).
+    ``experts.pretrained``: null (the experts' own family: task_vectors ``<root>/zeroshot.pt``;
+    hf ``experts.hf.pretrained``, e.g. ``openai/clip-vit-base-patch32``, the hub weights the
+    FusionBench experts were fine-tuned from, or the open_clip weights when that is null;
+    state_dict the open_clip weights), ``open_clip``, or a location read in the experts'
+    format (a ``.safetensors`` file is always read as a state dict, a folder or hub id as
+    transformers).
     """
     e = cfg.backbone.get("experts") or {}
     source = e.get("source")
@@ -277,6 +280,8 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
                 "task_vectors",
                 str(Path(_required(e, "task_vectors", "root")) / "zeroshot.pt"),
             )
+        elif source == "hf" and (e.get("hf") or {}).get("pretrained"):
+            pre_ref = CheckpointRef("pretrained", "hf", str(e.hf.pretrained))
     elif str(pre) == "open_clip":
         pre_ref = None
     else:
@@ -289,6 +294,19 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
             kind = "hf"
         pre_ref = CheckpointRef("pretrained", kind, pre, (e.get("hf") or {}).get("revision"))
     return pre_ref, refs
+
+
+def describe_pretrained(pre_ref: CheckpointRef | None, backbone: Backbone) -> str:
+    """Where the pretrained image tower (theta_0 of every task vector) came from, in words."""
+    if pre_ref is None:
+        name = backbone.model_config.get("model_name", "custom CLIP")
+        return f"open_clip {name} weights {backbone.pretrained!r}"
+    what = {
+        "hf": "a transformers CLIP checkpoint, mapped to open_clip keys",
+        "task_vectors": "a task-vectors release checkpoint",
+        "state_dict": "a state-dict file",
+    }[pre_ref.kind]
+    return f"{pre_ref.location} ({what}); zero-shot heads from the open_clip text tower"
 
 
 def _required(e, section: str, key: str) -> str:
@@ -820,6 +838,7 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
             "image_size": backbone.image_size,
         },
         "pretrained": dataclasses.asdict(pre_ref) if pre_ref else "open_clip weights",
+        "pretrained_tower": describe_pretrained(pre_ref, backbone),
         "experts": {
             t: {**dataclasses.asdict(expert_refs[t]), **manifests[f"expert/{t}"]["extra"]}
             for t in tasks
