@@ -35,7 +35,9 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from matplotlib.tri import Triangulation
 
 __all__ = [
+    "METHOD_NAMES",
     "cost_figure",
+    "display_name",
     "pairwise_fronts_figure",
     "pairwise_set_name",
     "plot_cost",
@@ -44,6 +46,8 @@ __all__ = [
     "plot_simplex_maps",
     "scenario_bars_figure",
     "simplex_maps_figure",
+    "plot_sweep",
+    "sweep_figure",
 ]
 
 RESULTS_COLUMNS = ("method", "pref_set", "pref_id", "task", "accuracy", "normalized_accuracy")
@@ -69,6 +73,20 @@ _REF_COLOURS = ("0.35", "tab:brown", "tab:pink", "tab:olive", "0.6", "tab:cyan",
 
 
 # ----------------------------------------------------------------------------- helpers
+METHOD_NAMES = {
+    "react": "ReACT",
+    "pref_ta": "preference-weighted TA",
+    "pareto_merging": "Pareto Merging",
+    "map": "MAP",
+    "surgery": "Representation Surgery",
+}
+
+
+def display_name(method: str) -> str:
+    """The name legends show for a method id (``pref_ta`` -> "preference-weighted TA")."""
+    return METHOD_NAMES.get(str(method), str(method))
+
+
 def pairwise_set_name(a: str, b: str) -> str:
     """Name of the pairwise sweep between tasks a and b in ``results.pref_set``."""
     return f"pairwise:{a}|{b}"
@@ -540,3 +558,82 @@ def cost_figure(cost_df: pd.DataFrame) -> Figure:
 def plot_cost(cost_df: pd.DataFrame, out_dir) -> list[Path]:
     """Write ``cost.png/.pdf`` (see ``cost_figure``)."""
     return save_figure(cost_figure(cost_df), out_dir, "cost")
+
+
+# ----------------------------------------------------------------------------- sweeps
+def _sweep_positions(values: Sequence[str]) -> tuple[np.ndarray, list[str], str]:
+    """x positions of the swept values, their labels in order, and the axis scale: numbers
+    in numeric order on a log axis (all positive, spanning 20x or more) or a linear one;
+    values with inf, or not numbers, evenly spaced (scale "even")."""
+    labels = list(dict.fromkeys(values))
+    try:
+        nums = np.array([float(v) for v in labels])
+    except ValueError:
+        return np.arange(len(labels), dtype=float), labels, "even"
+    order = np.argsort(nums, kind="stable")
+    labels, nums = [labels[i] for i in order], nums[order]
+    if not np.all(np.isfinite(nums)):
+        return np.arange(len(labels), dtype=float), labels, "even"
+    if nums.min() > 0 and nums.max() / nums.min() >= 20:
+        return nums, labels, "log"
+    return nums, labels, "linear"
+
+
+def sweep_figure(table: pd.DataFrame, key: str) -> Figure:
+    """Headline numbers against one swept setting (an ablation): left, average accuracy
+    (%) at the equal / priority / one-hot preferences; right, HV@3 and HV@all. One colour
+    per method, one line style per scenario or subset. ``table``: the ``sweep`` table of
+    ``pipeline.collect`` (column ``key`` with the swept values, ``method``, ``equal``,
+    ``priority``, ``one-hot``, optionally ``merged`` (drawn as a reference line) and, for
+    controllable methods, ``HV@3``, ``HV@all``; percent)."""
+    _require(table, (key, "method"), "table")
+    acc_cols = [c for c in ("equal", "priority", "one-hot") if c in table.columns]
+    hv_cols = [c for c in ("HV@3", "HV@all") if c in table.columns and table[c].notna().any()]
+    if not acc_cols:
+        raise ValueError(
+            f"table has none of the columns equal, priority, one-hot: {list(table.columns)}"
+        )
+    x, labels, scale = _sweep_positions(table[key].astype(str).tolist())
+    pos = dict(zip(labels, x, strict=True))
+    methods = list(dict.fromkeys(table.method))
+    colours = _colours(methods)
+    styles = ("-o", "--s", ":^")
+    panels = [("average accuracy (%)", acc_cols)] + (
+        [("hypervolume (x100)", hv_cols)] if hv_cols else []
+    )
+    fig = _figure(4.6 * len(panels) + 2.2, 3.9)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    with mpl.rc_context(STYLE):
+        for ax, (ylabel, cols) in zip(axes, panels, strict=True):
+            for m in methods:
+                d = table[table.method == m].assign(_x=lambda f: f[key].astype(str).map(pos))
+                d = d.sort_values("_x")
+                for col, style in zip(cols, styles, strict=False):
+                    ax.plot(
+                        d._x,
+                        d[col],
+                        style,
+                        color=colours[m],
+                        ms=5,
+                        lw=1.4,
+                        label=f"{display_name(m)}, {col}",
+                    )
+            if cols is acc_cols and "merged" in table.columns:  # the merge alone, for reference
+                d = table.drop_duplicates(key).assign(_x=lambda f: f[key].astype(str).map(pos))
+                d = d.sort_values("_x")
+                ax.plot(d._x, d.merged, ":", color="0.4", lw=1.2, label="merged model alone")
+            if scale == "log":
+                ax.set_xscale("log")
+            ax.set_xticks(x, labels)
+            ax.set_xlabel(
+                key + (" (evenly spaced, not to scale)" if scale == "even" and len(x) > 2 else "")
+            )
+            ax.set_ylabel(ylabel)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+        fig.suptitle(f"Sweep over {key}")
+    return fig
+
+
+def plot_sweep(table: pd.DataFrame, key: str, out_dir) -> list[Path]:
+    """Write ``sweep_<key>.png/.pdf`` (see ``sweep_figure``)."""
+    return save_figure(sweep_figure(table, key), out_dir, f"sweep_{_slug(key)}")

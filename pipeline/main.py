@@ -34,7 +34,15 @@ from .evaluate import (
 from .features import resolve_device
 from .merge import load_merged, run_merge, validate_merge_config
 from .methods import build_method, model_accuracies
-from .report import build_summary, markdown_report, write_summary, write_table
+from .report import (
+    begin_run,
+    build_summary,
+    mark_complete,
+    mark_failed,
+    markdown_report,
+    write_summary,
+    write_table,
+)
 from .stages import (
     Context,
     ModelRef,
@@ -133,9 +141,30 @@ def method_cfg(cfg: DictConfig, name: str):
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Run the whole pipeline for ``cfg``; returns the summary dict."""
-    validate_config(cfg)
+    """Run the whole pipeline for ``cfg``; returns the summary dict. The run folder ends with
+    ``run_complete.json`` (success) or ``run_failed.json``, and W&B marks a failure failed."""
     run_dir = Path(run_dir or cfg.paths.output_dir)
+    tracker = Tracker.for_job(cfg, run_dir)
+    try:
+        validate_config(cfg)
+        _prepare_run_dir(run_dir)
+        device = apply_runtime(cfg)
+        cache = Cache(cfg.paths.cache_dir)
+        cache.sweep_tmp()
+        summary = _run(cfg, cache, device, run_dir, tracker)
+    except BaseException as e:
+        mark_failed(run_dir, e)
+        tracker.fail(e)
+        raise
+    finally:
+        if tracker.message:
+            log.info(tracker.message)
+    mark_complete(run_dir)  # the last file: the folder is complete
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """A writable run folder without the outputs of an earlier run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -145,24 +174,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         raise PermissionError(
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
-    device = apply_runtime(cfg)
-    cache = Cache(cfg.paths.cache_dir)
-    cache.sweep_tmp()
-    config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(
-        cfg.logger,
-        run_dir,
-        config,
-        group=cfg.experiment_name,
-        name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}",
-    )
-    try:
-        summary = _run(cfg, cache, device, run_dir, tracker)
-    finally:
-        tracker.finish()
-    if tracker.message:
-        log.info(tracker.message)
-    return summary
+    stale = begin_run(run_dir)  # a reused folder: its old outputs go first
+    if stale:
+        log.info("removed the outputs of an earlier run from %s: %s", run_dir, ", ".join(stale))
 
 
 def load_suite(cfg: DictConfig, cache: Cache):
@@ -207,11 +221,13 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         reference = _reference(ctx)
     expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
     # ---- fit + sweep, per method
-    frames, cost_rows = [], []
+    frames, cost_rows, artifacts = [], [], {}
     for name in list(cfg.methods):
         method = build_method(name, method_cfg(cfg, name))
         with ctx.timed("fit"):
             method.fit(ctx)
+        if getattr(method, "stats_path", None):
+            artifacts[name] = [method.stats_path]
         with ctx.timed("sweep"):
             for set_name, p in sets.items():
                 frames.append(_sweep(ctx, method, set_name, p, expert_acc))
@@ -277,7 +293,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     }
     summary = build_summary(meta, reference, scenarios, fronts)
     write_summary(run_dir, summary)
-    plots = _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, run_dir / "plots")
+    _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, run_dir / "plots")
     command = "python -m pipeline.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     timings["report"] = time.perf_counter() - t
     atomic_write_text(
@@ -287,19 +303,8 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         run_dir / "timings.json",
         json.dumps({"stages": timings, "cache_events": cache.events}, indent=1),
     )
-    # ---- W&B
-    tracker.summary(_flat_metrics(summary))
-    tracker.log({f"time/{k}": v for k, v in timings.items()})
-    for name, df in (
-        ("scenarios", scenarios),
-        ("fronts", fronts),
-        ("reference", reference),
-        ("cost", cost),
-    ):
-        tracker.table(name, df)
-    for p in plots:
-        if p.suffix == ".png":
-            tracker.image(f"plots/{p.stem}", p)
+    # ---- W&B: one run per method
+    tracker.log_job(summary, timings, artifacts)
     log.info("results in %s", run_dir)
     return summary
 
@@ -374,20 +379,6 @@ def _plots(
         )
         written += plots.plot_scenario_bars(avg, out_dir)
     return [Path(p) for p in written]
-
-
-def _flat_metrics(summary: dict) -> dict:
-    flat = {}
-    for method, sc in summary["scenarios"].items():
-        for scenario, d in sc.items():
-            flat[f"{method}/{scenario}/average_accuracy"] = d["average"]
-    for method, fr in summary["fronts"].items():
-        for subset, d in fr.items():
-            for metric, v in d.items():
-                flat[f"{method}/{metric}{subset}"] = v
-    for label, d in summary["reference"].items():
-        flat[f"reference/{label}/average_accuracy"] = d["average"]
-    return flat
 
 
 def _with_backbone(cfg):
