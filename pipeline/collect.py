@@ -91,19 +91,27 @@ def _natural(key: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
 
 
+def sweep_overrides(sweep: Path) -> list:
+    """The parsed overrides a multirun expands (``multirun.yaml``: the sweeper's params,
+    then the command line's), in the basic sweeper's order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = yaml.safe_load((Path(sweep) / "multirun.yaml").read_text())["hydra"]
+    params = [f"{k}={v}" for k, v in (cfg["sweeper"].get("params") or {}).items()]
+    return OverridesParser.create().parse_overrides(params + list(cfg["overrides"]["task"]))
+
+
 def expected_jobs(sweep: Path) -> list[list[str]] | None:
     """The overrides of every job a multirun's sweep launches, in job-number order (the
     basic sweeper's expansion of ``multirun.yaml``); None when it cannot be recomputed."""
     try:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        cfg = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]
-        if str(cfg["sweep"].get("subdir")) != "${hydra.job.num}":
+        subdir = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["sweep"]["subdir"]
+        if str(subdir) != "${hydra.job.num}":
             return None
-        params = [f"{k}={v}" for k, v in (cfg["sweeper"].get("params") or {}).items()]
-        parsed = OverridesParser.create().parse_overrides(params + list(cfg["overrides"]["task"]))
-        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+        batches = BasicSweeper.split_arguments(sweep_overrides(sweep), None)
+        return [list(job) for batch in batches for job in batch]
     except Exception:  # noqa: BLE001 - another sweeper or a hand-made file: list what exists
         return None
 

@@ -146,8 +146,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     run_dir = Path(run_dir or cfg.paths.output_dir)
     tracker = Tracker.for_job(cfg, run_dir)
     try:
+        _prepare_run_dir(run_dir)  # first: a rerun into this folder never leaves stale outputs
         validate_config(cfg)
-        _prepare_run_dir(run_dir)
         device = apply_runtime(cfg)
         cache = Cache(cfg.paths.cache_dir)
         cache.sweep_tmp()
@@ -377,7 +377,11 @@ def _plots(
         avg = scenarios[scenarios.task == "average"].rename(
             columns={"accuracy": "average_accuracy"}
         )
-        written += plots.plot_scenario_bars(avg, out_dir)
+        means = reference.groupby("label", sort=False).accuracy.mean()
+        lines = {
+            ("experts" if k == "expert" else k): v for k, v in means.items() if k != "pretrained"
+        }
+        written += plots.plot_scenario_bars(avg, out_dir, reference=lines)
     return [Path(p) for p in written]
 
 

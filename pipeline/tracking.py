@@ -41,8 +41,10 @@ PERCENT = {"uniformity"}  # summary fractions logged x100 (HV is x100 already)
 
 
 def job_identity(cfg) -> dict:
-    """Group, name parts and tags of this job, from the config and Hydra's job overrides."""
-    overrides, group = [], str(cfg.experiment_name)
+    """Group, name parts and tags of this job, from the config and Hydra's job overrides.
+    ``swept``: in a multirun, the job's values of the swept keys; in a single run, its
+    overrides other than paths, logging and the like."""
+    overrides, group, swept = [], str(cfg.experiment_name), None
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -50,11 +52,17 @@ def job_identity(cfg) -> dict:
         if HydraConfig.initialized():
             hc = HydraConfig.get()
             overrides = [str(o) for o in hc.overrides.task]
-            if group == "default" and hc.mode == RunMode.MULTIRUN:
-                group = f"sweep-{Path(hc.sweep.dir).name}"
+            if hc.mode == RunMode.MULTIRUN:
+                swept = _swept_keys(Path(hc.sweep.dir))
+                if group == "default":  # an ad-hoc sweep is its own group
+                    group = f"sweep-{Path(hc.sweep.dir).name}"
     except ImportError:  # pragma: no cover
         pass
-    swept = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NOT_SWEPT)]
+    plain = [o.lstrip("+~") for o in overrides]
+    if swept is None:
+        chosen = [o for o in plain if not o.startswith(NOT_SWEPT)]
+    else:
+        chosen = [o for o in plain if o.split("=", 1)[0] in swept]
     backbone = cfg.backbone.get("name", cfg.backbone.get("model_name"))
     return {
         "group": group,
@@ -62,8 +70,19 @@ def job_identity(cfg) -> dict:
         "suite": str(cfg.suite.name),
         "backbone": str(backbone),
         "overrides": overrides,
-        "swept": swept,
+        "swept": chosen,
     }
+
+
+def _swept_keys(sweep_dir: Path) -> set[str] | None:
+    """Keys a multirun sweeps over (several values), from its ``multirun.yaml``."""
+    from .collect import sweep_overrides
+
+    try:
+        parsed = sweep_overrides(sweep_dir)
+    except Exception:  # noqa: BLE001 - no readable multirun.yaml: name by every override
+        return None
+    return {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
 
 
 def run_name(method: str, ident: dict) -> str:
