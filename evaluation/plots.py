@@ -549,7 +549,8 @@ def scenario_bars_figure(
         ax.set_xlabel("preference scenario")
         metric_name = "normalised accuracy" if is_norm else "accuracy"
         span = max(top - low, 1.0)
-        bottom = max(0.0, 5 * math.floor((low - 0.6 * span) / 5))
+        step = 5 if span > 10 else 2 if span > 4 else 1
+        bottom = max(0.0, step * math.floor((low - 0.4 * span) / step))
         ax.set_ylim(bottom, top + 0.25 * span)
         ax.set_ylabel(
             f"average {metric_name} (%)" + (f", axis from {bottom:g}" if bottom > 0 else "")
@@ -615,7 +616,11 @@ def cost_figure(cost_df: pd.DataFrame) -> Figure:
         ax.set_xticks(sorted(df.n_tasks.unique()))
         ax.set_xlabel("number of tasks T")
         ax.set_ylabel("offline cost (s)" if phases == ["offline"] else "seconds")
-        ax.set_title("Offline (preference-independent) cost vs number of tasks")
+        ax.set_title(
+            "Offline (preference-independent) cost vs number of tasks"
+            if phases == ["offline"]
+            else "Cost vs number of tasks"
+        )
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 

@@ -153,7 +153,7 @@ def collect(folder: Path) -> pd.DataFrame:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (folder / "collected.md").is_file() and "| overrides |" in proc.stdout
+    assert (folder / "collected.md").is_file() and "## Table 1" in proc.stdout
     return pd.read_csv(folder / "collected.csv")
 
 
@@ -180,10 +180,24 @@ def test_multirun_target(target, dirs):
         got = df[
             (df.job.astype(str) == job.name)
             & (df.row == "react (equal)")
-            & (df.metric == "average_accuracy")
+            & (df.metric == "accuracy")
+            & (df.task == "average")
         ].value
         assert got.item() == pytest.approx(100 * eq, abs=1e-3)
+    # the paper-shaped table: one row per swept value, in sweep order, and its plot
+    table = pd.read_csv(sweep / ("table1.csv" if target == "table1" else "sweep.csv"))
+    assert len(table) == n_jobs and table.iloc[:, 0].nunique() == n_jobs
+    assert list((sweep / "plots").glob("sweep_*.png"))
     if target == "table1":
+        assert list(table.columns) == [
+            "merge",
+            "method",
+            "merged",
+            "equal",
+            "priority",
+            "one-hot",
+            "expert",
+        ]
         assert set(df["merge"]) == {
             "adamerging_pp",
             "adamerging",

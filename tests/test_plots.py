@@ -318,3 +318,42 @@ def test_bad_inputs():
         plots.scenario_bars_figure(dup)
     with pytest.raises(ValueError, match="metric must be"):
         plots.pairwise_fronts_figure(results, preferences, reference, TASKS, metric="loss")
+
+
+def test_docs_figures_copies_from_the_newest_complete_run(tmp_path):
+    """`make docs-figures` ends with scripts/docs_figures.py: each README figure from the
+    newest complete run of its target; an incomplete newer run is passed over, and a figure
+    whose target never ran is named with its make target (exit code 1)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    runs = tmp_path / "outputs" / "runs" / "compare"
+    for name, content, complete in (
+        ("2026-01-01_00-00-00", b"old", True),
+        ("2026-01-02_00-00-00", b"cut", False),
+    ):
+        (runs / name / "plots").mkdir(parents=True)
+        (runs / name / "plots" / "pairwise_fronts_accuracy.png").write_bytes(content)
+        if complete:
+            (runs / name / "run_complete.json").write_text("{}")
+    dest = tmp_path / "figures"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/docs_figures.py",
+            "--outputs",
+            str(tmp_path / "outputs"),
+            "--dest",
+            str(dest),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert (dest / "pairwise_fronts.png").read_bytes() == b"old"
+    assert "cost.png: run `make fig-cost`" in proc.stderr
+    assert "sweep_beta.png: run `make ablation-beta`" in proc.stderr
