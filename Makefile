@@ -14,7 +14,7 @@ RUN := $(PY) -m pipeline.main suite=$(SUITE) backbone=$(BACKBONE)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare
+        ablation-aggregation tsne compare docs-figures
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -75,3 +75,10 @@ tsne: venv
 	$(PY) scripts/tsne.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
 compare: venv
 	$(RUN) experiment=compare $(ARGS)
+
+# every README figure, regenerated into docs/figures (the runs above, then a copy of the
+# newest complete outputs: scripts/docs_figures.py names any figure it could not find)
+docs-figures: venv
+	$(MAKE) compare tsne ablation-beta ablation-data ablation-aggregation
+	$(MAKE) fig-cost ARGS="methods=[react,pref_ta,pareto_merging,map] num_threads=1 $(ARGS)"
+	$(PY) scripts/docs_figures.py
