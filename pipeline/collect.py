@@ -77,7 +77,10 @@ def read_job(folder: Path, key: str) -> Job:
         job.status = "incomplete"
         job.reason = f"no {MARKER}: still running, killed, or written before this version"
         return job
-    expected = json.loads(marker.read_text()).get("files", {}).get("summary.json")
+    try:
+        expected = json.loads(marker.read_text()).get("files", {}).get("summary.json")
+    except (ValueError, AttributeError):
+        expected = None  # an unreadable marker completes nothing
     summary = folder / "summary.json"
     if not summary.exists() or file_sha256(summary) != expected:
         job.status = "incomplete"
