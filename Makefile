@@ -14,7 +14,7 @@ RUN := $(PY) -m pipeline.main suite=$(SUITE) backbone=$(BACKBONE)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare docs-figures
+        ablation-aggregation tsne compare diagnostics docs-figures
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -82,3 +82,8 @@ docs-figures: venv
 	$(MAKE) compare tsne ablation-beta ablation-data ablation-aggregation
 	$(MAKE) fig-cost ARGS="methods=[react,pref_ta,pareto_merging,map] num_threads=1 $(ARGS)"
 	$(PY) scripts/docs_figures.py
+
+# the suite's regime (zero-shot, experts, TA / TIES / AdaMerging, feature geometry, paper
+# targets), no ReACT or baseline result; ARGS="--fast" for 100 AdaMerging steps
+diagnostics: venv
+	$(PY) scripts/suite_diagnostics.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)

@@ -32,10 +32,11 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from .report import TABLES
+
 log = logging.getLogger(__name__)
 
 NOT_SWEPT = ("hydra.", "paths.", "logger", "progress", "num_threads", "launcher", "experiment")
-TABLE_FILES = ("results", "preferences", "reference", "scenarios", "fronts", "cost")
 FRONT_KEYS = {"hypervolume": "hv", "uniformity": "u", "preference_alignment": "align"}
 PERCENT = {"uniformity"}  # summary fractions logged x100 (HV is x100 already)
 
@@ -199,15 +200,12 @@ class Tracker:
         i = self.identity
         return {"method": method, "overrides": i["overrides"], "swept": i["swept"]}
 
-    def log_job(self, summary: dict, timings: dict, artifacts: dict[str, list[Path]]) -> None:
-        """One W&B run per method of the finished job (module docstring); reads the job's
-        tables and plots from its run folder."""
+    def log_job(self, summary: dict, ev, timings: dict, plots, artifacts: dict) -> None:
+        """One W&B run per method of the finished job (module docstring). ``ev``: the
+        evaluate stage's tables; ``plots``: files written by the report; ``artifacts``:
+        files per method (ReACT's statistics)."""
         if self._wandb is None:
             return
-        d = self.run_dir
-        tables = {
-            n: pd.read_parquet(d / f"{n}.parquet") for n in ("results", "preferences", "cost")
-        }
         for method in summary["methods"]:
             run = self._init(
                 run_name(method, self.identity), method, self._tags(method), self._extra(method)
@@ -215,22 +213,22 @@ class Tracker:
             if run is None:
                 return
             try:
-                self._log_method(run, method, summary, tables, timings, artifacts.get(method, []))
+                self._log_method(run, method, summary, ev, timings, plots, artifacts.get(method))
             except Exception as e:  # noqa: BLE001 - W&B must never fail the run
                 log.warning("W&B logging failed for %s (%s); results are kept locally", run.name, e)
             self._finish(run, 0)
 
-    def _log_method(self, run, method, summary, tables, timings, artifacts) -> None:
+    def _log_method(self, run, method, summary, ev, timings, plots, artifacts) -> None:
         wandb = self._wandb
-        cost = tables["cost"]
+        cost = ev.cost
         metrics = method_metrics(summary, method)
         for row in cost[cost.method == method].drop(columns="method").to_dict("records")[:1]:
             metrics.update({f"cost/{k}": v for k, v in row.items()})
         metrics.update({f"time/{k}": v for k, v in timings.items()})
         run.summary.update(metrics)
-        table = preference_table(tables["results"], tables["preferences"], method)
+        table = preference_table(ev.results, ev.preferences, method)
         run.log({"preferences": wandb.Table(dataframe=table)})
-        for png in sorted((self.run_dir / "plots").glob("*.png")):
+        for png in (Path(p) for p in plots if Path(p).suffix == ".png"):
             run.log({f"plots/{png.stem}": wandb.Image(str(png))})
         run.log_artifact(self._tables_artifact())
         if artifacts:
@@ -243,7 +241,7 @@ class Tracker:
 
     def _tables_artifact(self):
         art = self._wandb.Artifact("run-tables", type="run-tables")
-        for name in TABLE_FILES:
+        for name in TABLES:
             art.add_file(str(self.run_dir / f"{name}.csv"))
         for name in ("summary.json", "report.md"):
             art.add_file(str(self.run_dir / name))
