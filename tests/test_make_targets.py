@@ -53,7 +53,7 @@ SCRIPT_FLAGS = {
     "tsne": ["--max-per-task", "24"],
 }
 MULTIRUN = {  # target -> (experiment name, swept values)
-    "table1": ("table1", 6),
+    "table1": ("table1", 7),
     "ablation-beta": ("ablation_beta", 7),
     "ablation-data": ("ablation_data", 6),
     "ablation-aggregation": ("ablation_aggregation", 3),
@@ -205,6 +205,7 @@ def test_multirun_target(target, dirs):
             "task_arithmetic",
             "lot",
             "weight_average",
+            "pretrained",
         }
 
 
