@@ -29,7 +29,14 @@ from .features import resolve_device
 from .merge import load_merged, run_merge, validate_merge_config
 from .methods import build_method, reference_accuracies, sweep
 from .paths import CONFIG_DIR, describe_cache
-from .report import run_meta, write_report, write_timings
+from .report import (
+    begin_run,
+    mark_complete,
+    mark_failed,
+    run_meta,
+    write_report,
+    write_timings,
+)
 from .stages import (
     Context,
     ModelRef,
@@ -38,7 +45,7 @@ from .stages import (
     calibration_split,
 )
 from .suites import build_suite
-from .tracking import Tracker, log_run
+from .tracking import Tracker
 
 log = logging.getLogger("react")
 
@@ -126,9 +133,32 @@ def method_cfg(cfg: DictConfig, name: str):
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Run the whole pipeline for ``cfg``; returns the summary dict."""
-    validate_config(cfg)
+    """Run the whole pipeline for ``cfg``; returns the summary dict. The run folder ends with
+    ``run_complete.json`` (success) or ``run_failed.json``, and W&B marks a failure failed."""
     run_dir = Path(run_dir or cfg.paths.output_dir)
+    validate_config(cfg)  # before any folder or W&B run: a bad config leaves nothing behind
+    tracker = Tracker.for_job(cfg, run_dir)
+    try:
+        _prepare_run_dir(run_dir)  # a rerun into this folder never leaves stale outputs
+        device = apply_runtime(cfg)
+        log.info("run folder %s", run_dir)
+        log.info(describe_cache(Path(cfg.paths.cache_dir)))
+        cache = Cache(cfg.paths.cache_dir)
+        cache.sweep_tmp()
+        summary = _run(cfg, cache, device, run_dir, tracker)
+    except BaseException as e:
+        mark_failed(run_dir, e)
+        tracker.fail(e)
+        raise
+    finally:
+        if tracker.message:
+            log.info(tracker.message)
+    mark_complete(run_dir)  # the last file: the folder is complete
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """A writable run folder without the outputs of an earlier run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -138,26 +168,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         raise PermissionError(
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
-    device = apply_runtime(cfg)
-    log.info("run folder %s", run_dir)
-    log.info(describe_cache(Path(cfg.paths.cache_dir)))
-    cache = Cache(cfg.paths.cache_dir)
-    cache.sweep_tmp()
-    config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(
-        cfg.logger,
-        run_dir,
-        config,
-        group=cfg.experiment_name,
-        name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}",
-    )
-    try:
-        summary = _run(cfg, cache, device, run_dir, tracker)
-    finally:
-        tracker.finish()
-    if tracker.message:
-        log.info(tracker.message)
-    return summary
+    stale = begin_run(run_dir)
+    if stale:
+        log.info("removed the outputs of an earlier run from %s: %s", run_dir, ", ".join(stale))
 
 
 def load_suite(cfg: DictConfig, cache: Cache):
@@ -200,7 +213,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
     with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
         reference = reference_accuracies(ctx)
-    frames, cost_rows, methods = [], [], []
+    frames, cost_rows, methods, stat_files = [], [], [], {}
     for name, method_sets in [
         *((name, sets) for name in cfg.methods),  # controllable: every preference set
         *((name, scenario_sets(sets)) for name in cfg.fixed_methods),  # equal/priority/one-hot
@@ -208,6 +221,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         methods.append(method := build_method(name, method_cfg(cfg, name)))
         with ctx.timed("fit"):
             method.fit(ctx)
+        stat_files[name] = [method.stats_path] if getattr(method, "stats_path", None) else []
         with ctx.timed("sweep"):
             frames += [sweep(ctx, method, s, p, reference) for s, p in method_sets.items()]
         cost_rows.append({"method": name, **method.cost, "device": str(device)})
@@ -218,7 +232,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         artifacts = run_artifacts(ctx.suite, ctx.merged_path, methods, run_dir)
         summary, plots = write_report(run_dir, meta, ev, sets, tasks3, artifacts)
     write_timings(run_dir, ctx.timings, cache.events)
-    log_run(tracker, summary, ev, ctx.timings, plots)
+    tracker.log_job(summary, ev, ctx.timings, plots, stat_files)  # log: one W&B run per method
     log.info("results in %s", run_dir)
     return summary
 

@@ -248,7 +248,7 @@ def test_changed_config_invalidates_exactly_downstream(tmp_path, cache_dir, entr
             cache,
             torch.device("cpu"),
             _mkdir(tmp_path / name),
-            pm.Tracker(cfg.logger, tmp_path, {}, group="t", name="t"),
+            pm.Tracker.for_job(cfg, tmp_path),
         )
         return _events(cache)
 
