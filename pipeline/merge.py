@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 import merging
 
 from .cache import Cache, Unit
+from .codeversion import merge_code
 from .suite import Suite, normalize_images, save_state
 
-CODE_VERSION = 1  # bump when a merge implementation changes its numbers
 MERGES = ("task_arithmetic", "ties", "weight_average", "adamerging", "adamerging_pp", "lot")
 
 
@@ -51,7 +51,7 @@ def validate_merge_config(cfg) -> None:
 def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
     """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
     validate_merge_config(cfg)
-    material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
+    material = {"suite": suite.key, "merge": cfg, "code": merge_code(cfg.name)}
     if cfg.name in ("adamerging", "adamerging_pp", "lot"):
         material["device_type"] = device.type  # learned merges are not bit-equal across devices
 

@@ -22,18 +22,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from .cache import atomic_write_text
+from .cache import atomic_write, atomic_write_text
 
 SCHEMA = "react-merging/summary/v1"
 
 
 def write_table(df: pd.DataFrame, run_dir: Path, name: str) -> None:
-    tmp = run_dir / f".{name}.csv.tmp"
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    tmp.replace(run_dir / f"{name}.csv")
-    tmp = run_dir / f".{name}.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(run_dir / f"{name}.parquet")
+    """``<name>.csv`` and ``<name>.parquet``, each written atomically under a temporary name
+    unique to this writer (two runs writing one folder never share a temporary file)."""
+    atomic_write(
+        run_dir / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f")
+    )
+    atomic_write(run_dir / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def build_summary(
