@@ -212,9 +212,7 @@ def _looks_like_path(s: str) -> bool:
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = ckpt.load_safetensors(path)
     else:
         state = ckpt.load_torch_weights(path)
         state = state.get("state_dict", state)
