@@ -54,6 +54,10 @@ class CacheCorruptionWarning(UserWarning):
     """A cached unit failed its checksum (or its layout is damaged) and is being recomputed."""
 
 
+class DiskFullError(OSError):
+    """A write failed because the filesystem is full; the message names the folder."""
+
+
 class CacheLockError(RuntimeError):
     """A unit's lock is held by a process that will not release it (stopped or gone)."""
 
@@ -408,10 +412,12 @@ def disk_full(folder: Path, what: str):
     before the caller removes its partial files (which would free the space)."""
     try:
         yield
+    except DiskFullError:
+        raise  # already named by an inner block
     except Exception as e:
         if not _no_space(e, Path(folder)):
             raise
-        raise OSError(
+        raise DiskFullError(
             errno.ENOSPC,
             f"disk full while writing {what} under {folder}: no space left on the filesystem "
             f"holding {folder} ({type(e).__name__}: {e}). Free space there or point "

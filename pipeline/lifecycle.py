@@ -39,8 +39,9 @@ if not OmegaConf.has_resolver("run_id"):
 
 
 def mark_launcher() -> None:
-    """Record this process as the launcher of any worker it starts (first caller wins)."""
-    os.environ.setdefault(LAUNCHER_ENV, f"{socket.gethostname()}:{os.getpid()}")
+    """Record this process as the launcher of the workers it starts; call it in the
+    command-line entry point (``python -m pipeline.main``), before Hydra launches."""
+    os.environ[LAUNCHER_ENV] = f"{socket.gethostname()}:{os.getpid()}"
 
 
 def watch_launcher() -> bool:

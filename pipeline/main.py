@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import compat  # noqa: F401
-from .cache import Cache, atomic_write_text
+from . import compat, lifecycle  # noqa: F401
+from .cache import Cache, atomic_write_text, disk_full
 from .evaluate import (
     front_metrics,
     preference_sets,
@@ -32,60 +32,22 @@ from .evaluate import (
     scenario_table,
 )
 from .features import resolve_device
-from .merge import load_merged, run_merge, validate_merge_config
+from .merge import load_merged, run_merge
 from .methods import build_method, model_accuracies
 from .report import build_summary, markdown_report, write_summary, write_table
 from .stages import (
     Context,
     ModelRef,
-    calibration_count,
     calibration_indices,
     calibration_split,
     long_results,
 )
 from .suites import build_suite
 from .tracking import Tracker
+from .validation import validate_config
 
 log = logging.getLogger("react")
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no data, before any heavy stage; messages say what to change."""
-    resolve_device(cfg.device)
-    validate_merge_config(cfg.merge)
-    tasks = list(cfg.suite.tasks)
-    if len(set(tasks)) != len(tasks) or len(tasks) < 2:
-        raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
-    resolve_tasks3(tasks, cfg.tasks3)
-    calibration_split(cfg.calibration.source)
-    # type and range of calibration.size now; its bound by the split size once the suite is built
-    calibration_count(cfg.calibration.size, sys.maxsize)
-    c = cfg.correction
-    if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
-        raise ValueError(
-            f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}"
-        )
-    if c.aggregation not in ("closed_form", "naive", "polar"):
-        raise ValueError(
-            f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}"
-        )
-    if c.reduction not in ("mean", "sum"):
-        raise ValueError(f"correction.reduction must be mean or sum, got {c.reduction!r}")
-    for name in list(cfg.methods) + list(cfg.fixed_methods):
-        build_method(name, method_cfg(cfg, name))
-    preference_sets(cfg.preferences, tasks, resolve_tasks3(tasks, cfg.tasks3))
-    from .suites import BUILDERS
-
-    if cfg.suite.name not in BUILDERS:
-        raise ValueError(
-            f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}"
-        )
-    import importlib
-
-    builder = importlib.import_module(BUILDERS[cfg.suite.name])
-    if hasattr(builder, "validate"):
-        builder.validate(cfg.suite, cfg.backbone)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -118,10 +80,9 @@ def apply_runtime(cfg: DictConfig) -> torch.device:
 
 
 def script_output_dir(out: Path | None, cfg: DictConfig, name: str) -> Path:
-    """``out``, or ``<paths.output_dir>/<name>/<time>``; created."""
-    out = (
-        Path(out) if out else Path(cfg.paths.output_dir) / name / time.strftime("%Y-%m-%d_%H-%M-%S")
-    )
+    """``out``, or ``<paths.output_dir>/<name>/<time>-<run id>`` (unique per process); created."""
+    stamp = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{lifecycle.run_id()}"
+    out = Path(out) if out else Path(cfg.paths.output_dir) / name / stamp
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -157,7 +118,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}",
     )
     try:
-        summary = _run(cfg, cache, device, run_dir, tracker)
+        with disk_full(run_dir, "the run's tables and report"):
+            summary = _run(cfg, cache, device, run_dir, tracker)
     finally:
         tracker.finish()
     if tracker.message:
@@ -403,10 +365,13 @@ def _with_backbone(cfg):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     logging.basicConfig(level=logging.INFO)
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = run(cfg, run_dir)
     _print_summary(summary, run_dir)
@@ -427,4 +392,5 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    lifecycle.mark_launcher()
     main()
