@@ -229,7 +229,10 @@ class Cache:
                 "it (or is damaged); point paths.cache_dir (or REACT_CACHE) at a writable copy"
             )
         stage_dir = self._stage_dir(stage)
-        with self.locked(stage, key) if self.lock else contextlib.nullcontext():
+        with (
+            disk_full(stage_dir, f"the lock of the {stage!r} cache unit"),
+            self.locked(stage, key) if self.lock else contextlib.nullcontext(),
+        ):
             hit = self.lookup(stage, key)  # another job may have finished it meanwhile
             if hit is not None:
                 self.events.append((stage, key, "hit"))
@@ -399,7 +402,9 @@ def _no_space(exc: BaseException, folder: Path) -> bool:
         if any(t in str(seen) for t in _NO_SPACE_TEXT):
             return True
         seen = seen.__cause__ or seen.__context__
-    try:  # libraries that lose the errno (numpy: "N requested and M written")
+    if not isinstance(exc, OSError):
+        return False
+    try:  # I/O errors that lost the errno (numpy: "N requested and M written")
         return shutil.disk_usage(folder).free < DISK_FULL_FREE_BYTES
     except OSError:
         return False

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -179,7 +180,7 @@ def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, ke
     proc = _pipeline(tmp_path, tmp_path / "cache", override, run_dir=tmp_path / "run")
     assert proc.returncode != 0
     err = proc.stderr
-    assert re.search(rf"ConfigError: {re.escape(key)}=", err), err[-2000:]
+    assert re.search(rf"\b{re.escape(key)}=\S+: ", err), err[-2000:]
     assert not (tmp_path / "cache").exists()  # before any stage: not even the cache folder
 
 
@@ -275,7 +276,7 @@ def test_read_only_cache_serves_its_units_and_names_a_missing_one(baseline, full
         proc = _pipeline(tmp_path, ro, "correction.beta=1.0", run_dir=tmp_path / "run2")
     assert proc.returncode != 0
     assert re.search(
-        rf"PermissionError: the cache folder {re.escape(str(ro))} is read-only and the "
+        rf"the cache folder {re.escape(str(ro))} is read-only and the "
         r"'statistics' unit \w+ is not in it",
         proc.stderr,
     ), proc.stderr[-2000:]
@@ -300,54 +301,26 @@ class _View:
 def _crafted_zip(path: Path, numel: int, views: dict, record_bytes: int, compress: bool) -> Path:
     """A torch zip (torch.save's layout) with one float32 storage declaring ``numel``
     elements, tensors ``views`` {name: (size, stride)} on it, and a record of
-    ``record_bytes`` zero bytes (stored, or deflated: a few MB for a GiB)."""
+    ``record_bytes`` zero bytes, stored or deflated (a few MB for a GiB), streamed."""
     storage = _Storage()
 
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
             return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
-
-    import io
-
-    buf = io.BytesIO()
-    Pickler(buf, protocol=2).dump({k: _View(storage, *v) for k, v in views.items()})
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr("archive/data.pkl", buf.getvalue())
-        z.writestr("archive/byteorder", "little")
-        z.writestr("archive/version", "3\n")
-        method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
-        with z.open(zipfile.ZipInfo("archive/data/0"), "w", force_zip64=True) as f:
-            z.infolist()[-1].compress_type = method
-            chunk = bytes(1 << 20)
-            left = record_bytes
-            while left:
-                f.write(chunk[: min(left, len(chunk))])
-                left -= min(left, len(chunk))
-    return path
-
-
-def _crafted_zip_compressed(path: Path, numel: int, views: dict, record_bytes: int) -> Path:
-    """As :func:`_crafted_zip` with the record deflated (written with zlib, streamed)."""
-    storage = _Storage()
-
-    class Pickler(pickle.Pickler):
-        def persistent_id(self, obj):
-            return ("storage", torch.FloatStorage, "0", "cpu", numel) if obj is storage else None
-
-    import io
 
     buf = io.BytesIO()
     Pickler(buf, protocol=2).dump({k: _View(storage, *v) for k, v in views.items()})
     info = zipfile.ZipInfo("archive/data/0")
-    info.compress_type = zipfile.ZIP_DEFLATED
+    info.compress_type = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", buf.getvalue())
         z.writestr("archive/byteorder", "little")
         z.writestr("archive/version", "3\n")
         with z.open(info, "w", force_zip64=True) as f:
-            chunk = bytes(1 << 20)
-            for _ in range(record_bytes >> 20):
-                f.write(chunk)
+            chunk, left = bytes(1 << 20), record_bytes
+            while left:
+                f.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
     return path
 
 
@@ -365,10 +338,7 @@ CASES = {  # name -> (declared elements, views, record bytes, compressed)
 
 
 def _make_case(path: Path, name: str) -> Path:
-    numel, views, nbytes, compressed = CASES[name]
-    if compressed:
-        return _crafted_zip_compressed(path, numel, views, nbytes)
-    return _crafted_zip(path, numel, views, nbytes, False)
+    return _crafted_zip(path, *CASES[name])
 
 
 def _run_measured(cmd: list[str], **kw) -> tuple[int, str, int]:
@@ -433,10 +403,6 @@ def _tmpfs(path: Path, size_bytes: int):
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def _tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _suite_only(full: Path, dst: Path) -> Path:
     return Path(
         shutil.copytree(
@@ -448,17 +414,17 @@ def _suite_only(full: Path, dst: Path) -> Path:
 
 
 def test_full_cache_filesystem_is_reported_naming_the_folder(baseline, tmp_path):
-    """The suite's units fill a tmpfs but for 256 KiB: the merge unit's safetensors write
-    fails for want of space, and the run says so, naming the cache stage folder."""
-    staged = _suite_only(baseline[0], tmp_path / "staged")
-    size = _tree_bytes(staged) + (64 << 10) * sum(1 for _ in staged.rglob("*")) + (256 << 10)
-    with _tmpfs(tmp_path / "full", size) as mnt:
-        shutil.copytree(staged, mnt / "cache")
+    """The suite's units fill a tmpfs but for 16 KiB: the first pipeline unit's write fails
+    for want of space, and the run says so, naming the cache stage folder."""
+    with _tmpfs(tmp_path / "full", 256 << 20) as mnt:
+        _suite_only(baseline[0], mnt / "cache")
+        used = shutil.disk_usage(mnt).used  # then shrink the filesystem to what is used
+        assert _mount("-o", f"remount,size={used + (16 << 10)}", str(mnt))
         proc = _pipeline(tmp_path, mnt / "cache", run_dir=tmp_path / "run")
         leftovers = list((mnt / "cache").glob("*/.tmp-*"))
     assert proc.returncode != 0
     assert re.search(
-        rf"DiskFullError: \[Errno 28\] disk full while writing the '\w+' cache unit under "
+        rf"\[Errno 28\] disk full while writing the '\w+' cache unit under "
         rf"{re.escape(str(mnt / 'cache'))}/\w+: no space left",
         proc.stderr,
     ), proc.stderr[-3000:]
@@ -471,7 +437,7 @@ def test_full_run_folder_filesystem_is_reported_naming_the_folder(full_cache, tm
         proc = _pipeline(tmp_path, full_cache, run_dir=mnt / "run")
     assert proc.returncode != 0
     assert re.search(
-        rf"DiskFullError: \[Errno 28\] disk full while writing [^\n]* under {re.escape(str(mnt))}/run",
+        rf"\[Errno 28\] disk full while writing [^\n]* under {re.escape(str(mnt))}/run",
         proc.stderr,
     ), proc.stderr[-3000:]
 
@@ -550,7 +516,7 @@ def test_lock_wait_names_the_holder_and_gives_up_when_it_is_stopped_or_gone(
     assert proc.returncode != 0 and waited < 60
     out = proc.stdout + proc.stderr
     assert f"its lock {full_cache / stage / key}.lock is held by pid {pid} on host" in out
-    assert re.search(rf"CacheLockError: gave up waiting for the 'sweep' cache unit {key}", out)
+    assert re.search(rf"gave up waiting for the 'sweep' cache unit {key}", out)
     assert f"which is {mode}" in out, out[-2000:]
 
 
@@ -589,6 +555,12 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
@@ -622,7 +594,11 @@ def test_joblib_workers_end_when_the_launcher_is_killed(baseline, tmp_path):
             assert launcher.poll() is None, "the multirun ended early"
             time.sleep(0.5)
         time.sleep(3)
-        workers = [p for p in _children(launcher.pid) if _alive(p)]
+        workers = [
+            p
+            for p in _children(launcher.pid)
+            if _alive(p) and "resource_tracker" not in _cmdline(p)
+        ]
         assert len(workers) >= 2, workers
         launcher.kill()
         launcher.wait()
@@ -660,11 +636,12 @@ def test_hf_expert_folder_with_a_pickle_payload_names_file_and_expert(tmp_path):
         CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, image_size=16, patch_size=8)
     )  # fmt: skip
-    model.save_pretrained(folder, safe_serialization=False)
+    model.save_pretrained(folder)
+    for f in folder.glob("*.safetensors"):
+        f.unlink()
     marker = tmp_path / "PWNED"
     weights = folder / "pytorch_model.bin"
-    state = torch.load(weights, weights_only=True)
-    torch.save({**state, "payload": _Evil(marker)}, weights)
+    torch.save({**model.state_dict(), "payload": _Evil(marker)}, weights)
     ref = ckpt.CheckpointRef("expert MNIST", "hf", str(folder))
     with pytest.raises(pickle.UnpicklingError) as err:
         ckpt.load_checkpoint(ref, {"proj": torch.zeros(16, 8)})
