@@ -305,6 +305,7 @@ class _SizeBudget:
         self.file_bytes = path.stat().st_size
         self.limit = min(MAX_EXPANSION * self.file_bytes + SIZE_SLACK, MAX_CHECKPOINT_BYTES)
         self.total = 0  # bytes of the tensors built so far (views counted in full)
+        self.records: dict[str, int] = {}  # bytes of each storage record declared so far
 
     def _refuse(self, what: str) -> None:
         raise CheckpointSizeError(
@@ -326,8 +327,9 @@ class _SizeBudget:
                 f"storage {key} declares {numel} x {itemsize} bytes but its record holds "
                 f"{info.file_size}: the file is truncated or corrupted"
             )
-        if info.file_size > self.limit:
-            self._refuse(f"storage {key} would take {info.file_size} bytes")
+        self.records[key] = info.file_size
+        if sum(self.records.values()) > self.limit:
+            self._refuse(f"its storages would take {sum(self.records.values())} bytes or more")
         return info.file_size
 
     def view(self, storage_bytes: int, itemsize: int, offset, size, stride) -> None:
@@ -410,6 +412,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name, _STORAGE_DTYPES[name])
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        return self._other_global(module, name)
+
+    def _other_global(self, module: str, name: str) -> Any:
+        """A global that is not a tensor rebuild, dtype or storage: a stand-in or refused."""
         if any(module == m or module.startswith(m + ".") for m in self._stub_modules):
             return self._stub(module, name)
         raise pickle.UnpicklingError(
@@ -430,17 +436,19 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.stubbed.add(full)
         return self._stubs[full]
 
-    def persistent_load(self, pid: Any) -> Any:
+    def _declared_storage(self, pid: Any) -> tuple[str, torch.dtype, int]:
+        """(key, dtype, bytes) of a storage persistent id, its size checked (nothing read)."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} in {self._source}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        key = str(key)
+        dtype, untyped = storage_type.dtype, storage_type.name == "UntypedStorage"
+        return str(key), dtype, self._budget.storage(str(key), numel, _itemsize(dtype), untyped)
+
+    def persistent_load(self, pid: Any) -> Any:
+        key, dtype, _ = self._declared_storage(pid)
         if key not in self._storages:
-            dtype = storage_type.dtype
-            untyped = storage_type.name == "UntypedStorage"
-            self._budget.storage(key, numel, _itemsize(dtype), untyped)
             raw = self._archive.read(f"{self._prefix}/data/{key}")
             flat = (
                 torch.frombuffer(bytearray(raw), dtype=dtype)
@@ -476,14 +484,7 @@ class _SizeScan(RestrictedUnpickler):
             lambda func, new_type, args, state: func(*args)
         )
 
-    def find_class(self, module: str, name: str) -> Any:
-        fn = self._allowed.get((module, name))
-        if fn is not None:
-            return fn
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(name, _STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+    def _other_global(self, module: str, name: str) -> Any:
         return self._stub(module, name)
 
     def _rebuild(self, name, storage, offset, size, stride, *rest):
@@ -493,16 +494,8 @@ class _SizeScan(RestrictedUnpickler):
         return _DeclaredTensor()
 
     def persistent_load(self, pid: Any) -> Any:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} in {self._source}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        dtype = storage_type.dtype
-        untyped = storage_type.name == "UntypedStorage"
-        return _DeclaredStorage(
-            self._budget.storage(str(key), numel, _itemsize(dtype), untyped), dtype
-        )
+        _, dtype, nbytes = self._declared_storage(pid)
+        return _DeclaredStorage(nbytes, dtype)
 
 
 def _open_torch_zip(path: Path):
