@@ -228,10 +228,12 @@ class Cache:
                 f"the cache folder {self.root} is read-only and the {stage!r} unit {key} is not in "
                 "it (or is damaged); point paths.cache_dir (or REACT_CACHE) at a writable copy"
             )
-        stage_dir = self._stage_dir(stage)
+        stage_dir = self.root / stage  # created (or repaired) by locked()
         with (
             disk_full(stage_dir, f"the lock of the {stage!r} cache unit"),
-            self.locked(stage, key) if self.lock else contextlib.nullcontext(),
+            self.locked(stage, key)
+            if self.lock
+            else contextlib.nullcontext(self._stage_dir(stage)),
         ):
             hit = self.lookup(stage, key)  # another job may have finished it meanwhile
             if hit is not None:
