@@ -3,18 +3,29 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-BACKBONE ?= offline
 SUITE ?= offline
+# paper8 needs a CLIP backbone: vit_b32 unless BACKBONE= says otherwise
+BACKBONE ?= $(if $(filter paper8,$(SUITE)),vit_b32,offline)
 ARGS ?=
+# SWEEP="correction.beta=0.1,1 merge=ties,task_arithmetic": a Hydra multirun over those values
+SWEEP ?=
+# FAST=1: preset=fast (every target in about 2 minutes once the suite is built; labelled "fast")
+FAST ?=
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
-RUN := $(PY) -m pipeline.main suite=$(SUITE) backbone=$(BACKBONE)
+# Hydra flags in ARGS (--multirun, --cfg job, ...) go before the overrides, where Hydra's
+# parser accepts them; SWEEP adds hydra.mode=MULTIRUN and its values
+PRESET = $(if $(FAST),preset=fast)
+RUN = $(PY) -m pipeline.main $(filter -%,$(ARGS)) suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) \
+      $(if $(SWEEP),hydra.mode=MULTIRUN $(SWEEP))
+HARGS = $(filter-out -%,$(ARGS))
+SCRIPT_ARGS = suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) $(ARGS)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare
+        ablation-aggregation tsne compare diagnostics bounds
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -27,7 +38,7 @@ $(VENV)/.installed: requirements.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	$(RUN) $(ARGS)
+	$(RUN) $(HARGS)
 
 test: venv
 	$(PY) -m pytest -q -n 2 --timeout 900 $(ARGS)
@@ -53,25 +64,31 @@ clean-cache:
 	rm -rf outputs/cache
 
 # ---- paper reproductions: each is one Hydra experiment config (configs/experiment/); the
-# sweeps (table1, ablation-*) set hydra.mode: MULTIRUN there (a --multirun flag after the
-# overrides of $(RUN) would be rejected by Hydra's argument parser)
+# sweeps (table1, ablation-*) set hydra.mode: MULTIRUN there
 table1: venv
-	$(RUN) experiment=table1 $(ARGS)
+	$(RUN) experiment=table1 $(HARGS)
 table2: venv
-	$(RUN) experiment=table2 $(ARGS)
+	$(RUN) experiment=table2 $(HARGS)
 fig-pairwise: venv
-	$(RUN) experiment=fig_pairwise $(ARGS)
+	$(RUN) experiment=fig_pairwise $(HARGS)
 fig-simplex: venv
-	$(RUN) experiment=fig_simplex $(ARGS)
+	$(RUN) experiment=fig_simplex $(HARGS)
 fig-cost: venv
-	$(PY) scripts/cost_vs_tasks.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+	$(PY) scripts/cost_vs_tasks.py $(SCRIPT_ARGS)
 ablation-beta: venv
-	$(RUN) experiment=ablation_beta $(ARGS)
+	$(RUN) experiment=ablation_beta $(HARGS)
 ablation-data: venv
-	$(RUN) experiment=ablation_data $(ARGS)
+	$(RUN) experiment=ablation_data $(HARGS)
 ablation-aggregation: venv
-	$(RUN) experiment=ablation_aggregation $(ARGS)
+	$(RUN) experiment=ablation_aggregation $(HARGS)
 tsne: venv
-	$(PY) scripts/tsne.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+	$(PY) scripts/tsne.py $(SCRIPT_ARGS)
 compare: venv
-	$(RUN) experiment=compare $(ARGS)
+	$(RUN) experiment=compare $(HARGS)
+# the suite's regime (zero-shot, experts, TA / TIES / AdaMerging, feature geometry, paper
+# targets), no ReACT or baseline result; ARGS="--fast" for 100 AdaMerging steps
+diagnostics: venv
+	$(PY) scripts/suite_diagnostics.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+# oracle reference rows: ReACT on the whole test set, best linear maps trained with labels
+bounds: venv
+	$(PY) scripts/linear_bounds.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)

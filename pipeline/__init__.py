@@ -5,4 +5,8 @@ The torchvision guard is imported first so every process that imports the pipeli
 ``lifecycle`` registers the ``${run_id:}`` resolver of the run folders.
 """
 
-from . import compat, lifecycle  # noqa: F401  (compat must come first)
+from . import (
+    compat,  # noqa: F401  (must come first)
+    lifecycle,  # noqa: F401  (the ${run_id:} resolver of the run folders)
+    paths,  # noqa: F401  (the ${project_root:} resolver of configs/paths)
+)

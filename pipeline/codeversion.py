@@ -55,6 +55,7 @@ MERGES = {
         "merging._checks",
     ),
     "lot": ("merging.lot", "merging._checks"),
+    "pretrained": (),  # no merge: the pretrained weights themselves
 }
 MERGES["adamerging_pp"] = MERGES["adamerging"]
 

@@ -1,6 +1,6 @@
 """Hydra entry point: ``python -m pipeline.main [overrides]``.
 
-    prepare -> merge -> features -> fit -> sweep -> evaluate -> report
+    prepare -> merge -> features -> fit -> sweep -> evaluate -> report -> log
 
 The task function lives in this package module (not a script) so Hydra's joblib and
 submitit launchers can import it in their workers; ``pipeline/__init__`` installs the
@@ -9,45 +9,37 @@ torchvision guard first.
 
 from __future__ import annotations
 
-import json
 import logging
-import shlex
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import hydra
 import numpy as np
-import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import compat, lifecycle  # noqa: F401
-from .cache import Cache, atomic_write_text, disk_full
-from .evaluate import (
-    front_metrics,
-    preference_sets,
-    preferences_frame,
-    resolve_tasks3,
-    scenario_table,
-)
+from .artifacts import run_artifacts
+from .cache import Cache, disk_full
+from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
 from .features import resolve_device
 from .merge import load_merged, run_merge
-from .methods import build_method, model_accuracies
-from .report import build_summary, markdown_report, write_summary, write_table
+from .methods import build_method, reference_accuracies, sweep
+from .paths import CONFIG_DIR, describe_cache
+from .report import run_meta, write_report, write_timings
 from .stages import (
     Context,
     ModelRef,
     calibration_indices,
-    calibration_split,
-    long_results,
 )
 from .suites import build_suite
-from .tracking import Tracker
+from .tracking import Tracker, log_run
 from .validation import validate_config
 
 log = logging.getLogger("react")
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -107,6 +99,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
     device = apply_runtime(cfg)
+    log.info("run folder %s", run_dir)
+    log.info(describe_cache(Path(cfg.paths.cache_dir)))
     cache = Cache(cfg.paths.cache_dir)
     cache.sweep_tmp()
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -153,6 +147,7 @@ def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=N
     with ctx.timed("merge"):
         merge_unit = run_merge(cfg.merge, suite, cache, device, progress=cfg.progress)
         merged_state = load_merged(merge_unit)
+        ctx.merged_path = merge_unit.file("merged.safetensors")
         ctx.merged = ModelRef(
             f"merged:{merge_unit.key}", f"merged ({cfg.merge.name})", lambda: merged_state
         )
@@ -160,196 +155,33 @@ def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=N
 
 
 def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
-    ctx = prepare_context(cfg, cache, device)
-    timings, suite = ctx.timings, ctx.suite
-    tasks, tasks3 = suite.tasks, resolve_tasks3(suite.tasks, cfg.tasks3)
-    sets = preference_sets(cfg.preferences, tasks, tasks3)
-    # ---- features of the fixed models (pretrained, merged, experts) on the test splits
-    with ctx.timed("features"):
-        reference = _reference(ctx)
-    expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
-    # ---- fit + sweep, per method
-    frames, cost_rows = [], []
-    for name in list(cfg.methods):
-        method = build_method(name, method_cfg(cfg, name))
+    """The algorithm box: one stage a line, each timed into ``timings.json``."""
+    ctx = prepare_context(cfg, cache, device)  # prepare (suite, calibration subsets) and merge
+    tasks3 = resolve_tasks3(ctx.tasks, cfg.tasks3)
+    sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
+    with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
+        reference = reference_accuracies(ctx)
+    frames, cost_rows, methods = [], [], []
+    for name, method_sets in [
+        *((name, sets) for name in cfg.methods),  # controllable: every preference set
+        *((name, scenario_sets(sets)) for name in cfg.fixed_methods),  # equal/priority/one-hot
+    ]:
+        methods.append(method := build_method(name, method_cfg(cfg, name)))
         with ctx.timed("fit"):
             method.fit(ctx)
         with ctx.timed("sweep"):
-            for set_name, p in sets.items():
-                frames.append(_sweep(ctx, method, set_name, p, expert_acc))
+            frames += [sweep(ctx, method, s, p, reference) for s, p in method_sets.items()]
         cost_rows.append({"method": name, **method.cost, "device": str(device)})
-    for name in list(cfg.fixed_methods):
-        method = build_method(name, method_cfg(cfg, name))
-        with ctx.timed("fit"):
-            method.fit(ctx)
-        with ctx.timed("sweep"):
-            for set_name in [s for s in sets if s in ("equal", "priority", "one_hot")]:
-                frames.append(_sweep(ctx, method, set_name, sets[set_name], expert_acc))
-        cost_rows.append({"method": name, **method.cost, "device": str(device)})
-    # ---- evaluate
-    t = time.perf_counter()
-    results = pd.concat(frames, ignore_index=True)
-    prefs_df = preferences_frame(sets, tasks)
-    scenarios = (
-        scenario_table(results, tasks)
-        if {"equal", "priority", "one_hot"} & set(sets)
-        else pd.DataFrame()
-    )
-    fronts = front_metrics(results[results.method.isin(list(cfg.methods))], sets, tasks, tasks3)
-    timings["evaluate"] = time.perf_counter() - t
-    # ---- report
-    t = time.perf_counter()
-    for name, df in (
-        ("results", results),
-        ("preferences", prefs_df),
-        ("reference", reference),
-        ("scenarios", scenarios),
-        ("fronts", fronts),
-    ):
-        write_table(df, run_dir, name)
-    cost = pd.DataFrame(cost_rows)
-    write_table(cost, run_dir, "cost")
-    overlap = cfg.calibration.source == "test"
-    meta = {
-        "suite": suite.name,
-        "suite_key": suite.key,
-        "backbone": cfg.backbone.get("name", cfg.backbone.get("model_name")),
-        "tasks": tasks,
-        "tasks3": tasks3,
-        "seed": int(cfg.seed),
-        "merge": OmegaConf.to_container(cfg.merge, resolve=True),
-        "correction": OmegaConf.to_container(cfg.correction, resolve=True),
-        "methods": list(cfg.methods) + list(cfg.fixed_methods),
-        "calibration": {
-            "source": cfg.calibration.source,
-            "split": calibration_split(cfg.calibration.source),
-            "size": cfg.calibration.size,
-            "seed": int(cfg.calibration.seed),
-            "counts": {k: int(len(v)) for k, v in ctx.calibration.items()},
-            "overlaps_evaluation": overlap,
-            "note": (
-                "unlabeled images from each task's test split (the paper's transductive protocol); "
-                "they are among the evaluated test images"
-                if overlap
-                else "held-out validation images (never used to train the experts); disjoint from the evaluated test images"
-            )
-            + f"; {', '.join(f'{k}: {len(v)}' for k, v in ctx.calibration.items())} per task",
-        },
-        "preference_sets": {k: int(len(v)) for k, v in sets.items()},
-    }
-    summary = build_summary(meta, reference, scenarios, fronts)
-    write_summary(run_dir, summary)
-    plots = _plots(results, prefs_df, reference, scenarios, tasks, tasks3, sets, run_dir / "plots")
-    command = "python -m pipeline.main " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    timings["report"] = time.perf_counter() - t
-    atomic_write_text(
-        run_dir / "report.md", markdown_report(summary, scenarios, fronts, reference, cost, command)
-    )
-    atomic_write_text(
-        run_dir / "timings.json",
-        json.dumps({"stages": timings, "cache_events": cache.events}, indent=1),
-    )
-    # ---- W&B
-    tracker.summary(_flat_metrics(summary))
-    tracker.log({f"time/{k}": v for k, v in timings.items()})
-    for name, df in (
-        ("scenarios", scenarios),
-        ("fronts", fronts),
-        ("reference", reference),
-        ("cost", cost),
-    ):
-        tracker.table(name, df)
-    for p in plots:
-        if p.suffix == ".png":
-            tracker.image(f"plots/{p.stem}", p)
+    with ctx.timed("evaluate"):
+        ev = evaluate(frames, sets, reference, cost_rows, ctx.tasks, tasks3, list(cfg.methods))
+    with ctx.timed("report"):
+        meta = run_meta(cfg, ctx.suite, ctx.calibration, tasks3, sets)
+        artifacts = run_artifacts(ctx.suite, ctx.merged_path, methods, run_dir)
+        summary, plots = write_report(run_dir, meta, ev, sets, tasks3, artifacts)
+    write_timings(run_dir, ctx.timings, cache.events)
+    log_run(tracker, summary, ev, ctx.timings, plots)
     log.info("results in %s", run_dir)
     return summary
-
-
-def _sweep(ctx: Context, method, set_name: str, p: np.ndarray, expert_acc: dict) -> pd.DataFrame:
-    """Accuracies of one method over one preference set: a cache unit (results.parquet)."""
-    material = {
-        "method": method.material(),
-        "merged": ctx.merged.key,
-        "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
-        "calibration_source": ctx.cfg.calibration.source,
-        "preferences": np.round(p, 12).tolist(),
-        "set": set_name,
-    }
-
-    def compute(out: Path):
-        acc = method.accuracies(ctx, p)
-        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(
-            out / "results.parquet", index=False
-        )
-
-    unit = ctx.cache.unit("sweep", material, compute)
-    return pd.read_parquet(unit.file("results.parquet"))
-
-
-def _reference(ctx: Context) -> pd.DataFrame:
-    """Test accuracy of the fixed models: pretrained, merged, and each expert on its own task."""
-    rows = []
-    for label, ref in (
-        ("pretrained", ctx.pretrained_ref()),
-        (f"merged ({ctx.cfg.merge.name})", ctx.merged),
-    ):
-        rows += [
-            (label, t, float(a)) for t, a in zip(ctx.tasks, model_accuracies(ctx, ref), strict=True)
-        ]
-    rows += [
-        ("expert", t, ctx.accuracy(ctx.features(ctx.expert_ref(t), t, "test"), t))
-        for t in ctx.tasks
-    ]
-    df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
-    expert = df[df.label == "expert"].set_index("task").accuracy
-    df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
-    return df
-
-
-def _plots(
-    results, prefs_df, reference, scenarios, tasks, tasks3, sets, out_dir: Path
-) -> list[Path]:
-    from evaluation import plots
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    if any(s.startswith("pairwise:") for s in sets):
-        # non-controllable methods (one accuracy per task) appear as reference points
-        swept = results[results.pref_set.str.startswith("pairwise:")].method.unique()
-        fixed = results[~results.method.isin(swept) & (results.pref_set == "equal")]
-        points = fixed.assign(label=fixed.method + " (fixed)")[reference.columns]
-        front_reference = pd.concat([reference, points], ignore_index=True)
-        controllable = results[results.method.isin(swept)]
-        written += plots.plot_pairwise_fronts(
-            controllable, prefs_df, front_reference, tasks, out_dir
-        )
-    if "simplex3" in sets:
-        for method in results.method.unique():
-            if (results[(results.method == method)].pref_set == "simplex3").any():
-                written += plots.plot_simplex_maps(
-                    results, prefs_df, tasks3, out_dir, method=method
-                )
-    if not scenarios.empty:
-        avg = scenarios[scenarios.task == "average"].rename(
-            columns={"accuracy": "average_accuracy"}
-        )
-        written += plots.plot_scenario_bars(avg, out_dir)
-    return [Path(p) for p in written]
-
-
-def _flat_metrics(summary: dict) -> dict:
-    flat = {}
-    for method, sc in summary["scenarios"].items():
-        for scenario, d in sc.items():
-            flat[f"{method}/{scenario}/average_accuracy"] = d["average"]
-    for method, fr in summary["fronts"].items():
-        for subset, d in fr.items():
-            for metric, v in d.items():
-                flat[f"{method}/{metric}{subset}"] = v
-    for label, d in summary["reference"].items():
-        flat[f"reference/{label}/average_accuracy"] = d["average"]
-    return flat
 
 
 def _with_backbone(cfg):
@@ -362,20 +194,57 @@ def _with_backbone(cfg):
     )
 
 
+# what a user can fix (a config value, a missing file or package, a folder): one message, exit 2
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError)
+_task_started = False  # set once Hydra has composed a config and called the task function
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> dict:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    global _task_started
+    _task_started = True
     logging.basicConfig(level=logging.INFO)
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
         lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = run(cfg, run_dir)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        summary = run(cfg, run_dir)
+    except USER_ERRORS as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # the traceback, or Hydra's record of a failed job in a sweep
+        _remove_if_empty(run_dir)
+        print(
+            f"react-merging: error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr
+        )
+        sys.exit(2)
     _print_summary(summary, run_dir)
     return summary
+
+
+def cli() -> None:
+    """The console command (``react-merging``, ``python -m pipeline.main``): Hydra's app.
+    A config Hydra cannot compose (an unknown key, a bad override) is a user error too: exit 2."""
+    lifecycle.mark_launcher()  # multirun workers it starts end with it
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == 1 and not _task_started:
+            sys.exit(2)
+        raise
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """A run that failed before writing a result leaves no folder (only Hydra's own files)."""
+    if run_dir.is_dir() and all(
+        p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()
+    ):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
@@ -392,5 +261,4 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    lifecycle.mark_launcher()
-    main()
+    cli()

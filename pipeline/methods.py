@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 import merging
@@ -21,7 +22,7 @@ from correction import react
 
 from .codeversion import FEATURES, code_version
 from .features import accuracy_from_features
-from .stages import Context, ModelRef
+from .stages import Context, ModelRef, long_results
 
 PREF_CHUNK_BYTES = 1 << 30  # cap on the (P, N, D) corrected-feature block per step
 
@@ -47,6 +48,10 @@ class Method:
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:  # (P, T) -> (P, T)
         raise NotImplementedError
+
+    def artifacts(self) -> dict[str, Path]:
+        """Files of the offline stage worth naming in the run's artifacts.json."""
+        return {}
 
     def material(self) -> dict:
         """What, besides the upstream keys, determines this method's numbers."""
@@ -105,6 +110,9 @@ class ReACT(Method):
         self.stats = _as_list(react.load_statistics(self.stats_path))
         self.cost["offline_seconds"] += time.perf_counter() - t0
         self.cost["forward_passes"] += passes
+
+    def artifacts(self) -> dict[str, Path]:
+        return {"statistics": self.stats_path}
 
     def maps(self, prefs: np.ndarray) -> torch.Tensor:
         p = torch.as_tensor(prefs, dtype=torch.float64)
@@ -169,6 +177,52 @@ class PreferenceTaskArithmetic(Method):
 def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.ndarray:
     """Accuracy of one model on every task's ``split`` (features cached per model key)."""
     return np.array([ctx.accuracy(ctx.features(ref, t, split), t, split) for t in ctx.tasks])
+
+
+def reference_accuracies(ctx: Context) -> pd.DataFrame:
+    """Test accuracy of the fixed models: pretrained, merged, and each expert on its own task."""
+    rows = []
+    for label, ref in (
+        ("pretrained", ctx.pretrained_ref()),
+        (f"merged ({ctx.cfg.merge.name})", ctx.merged),
+    ):
+        rows += [
+            (label, t, float(a)) for t, a in zip(ctx.tasks, model_accuracies(ctx, ref), strict=True)
+        ]
+    rows += [
+        ("expert", t, ctx.accuracy(ctx.features(ctx.expert_ref(t), t, "test"), t))
+        for t in ctx.tasks
+    ]
+    df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
+    expert = df[df.label == "expert"].set_index("task").accuracy
+    df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
+    return df
+
+
+def sweep(
+    ctx: Context, method: Method, set_name: str, p: np.ndarray, reference: pd.DataFrame
+) -> pd.DataFrame:
+    """Accuracies of one method over one preference set: a cache unit (results.parquet);
+    normalised by the experts' accuracies in ``reference``."""
+    expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
+    material = {
+        "method": method.material(),
+        "merged": ctx.merged.key,
+        "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
+        "calibration_source": ctx.cfg.calibration.source,
+        "preferences": np.round(p, 12).tolist(),
+        "set": set_name,
+        "code": code_version("pipeline.methods", *FEATURES),  # this function's own code
+    }
+
+    def compute(out: Path):
+        acc = method.accuracies(ctx, p)
+        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(
+            out / "results.parquet", index=False
+        )
+
+    unit = ctx.cache.unit("sweep", material, compute)
+    return pd.read_parquet(unit.file("results.parquet"))
 
 
 def _hash(material) -> str:

@@ -45,6 +45,7 @@ class Context:
     progress: bool = True
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     merged: ModelRef | None = None
+    merged_path: Path | None = None  # the merged image tower's safetensors (a cache file)
     calibration: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
     _visual: torch.nn.Module | None = None

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import compat  # noqa: F401
 
 SPLITS = ("train", "val", "test")
+MODEL_CONFIG_FILE = "open_clip_config.json"  # beside a suite's checkpoints (write_model_config)
 
 
 @dataclasses.dataclass
@@ -79,6 +80,11 @@ class Suite:
     def expert_states(self) -> list[dict[str, torch.Tensor]]:
         return [self.expert_state(t) for t in self.tasks]
 
+    @property
+    def model_config_path(self) -> Path:
+        """The open_clip model config its builder wrote beside the pretrained checkpoint."""
+        return Path(self.pretrained_path).parent / MODEL_CONFIG_FILE
+
     def heads(self) -> dict[str, torch.Tensor]:
         h = load_file(str(self.heads_path))
         return {t: h[t] for t in self.tasks}
@@ -111,6 +117,30 @@ def build_clip(model_config: dict[str, Any]):
 
 def build_visual(model_config: dict[str, Any]) -> torch.nn.Module:
     return build_clip(model_config).visual
+
+
+def open_clip_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """The ``open_clip.CLIP(**config)`` keywords of a suite's model config (custom or named)."""
+    if "clip_kwargs" in model_config:
+        return json.loads(json.dumps(model_config["clip_kwargs"]))  # a plain, JSON-able copy
+    if "model_name" in model_config:
+        import open_clip
+
+        config = open_clip.get_model_config(model_config["model_name"])
+        if config is None:
+            raise ValueError(f"open_clip has no model config named {model_config['model_name']!r}")
+        return config
+    build_clip(model_config)  # raises the message naming the expected keys
+    raise AssertionError("unreachable")
+
+
+def write_model_config(out_dir: Path, model_config: dict[str, Any]) -> Path:
+    """Write ``open_clip_config.json`` into ``out_dir`` (a builder calls it beside its
+    checkpoints): ``open_clip.CLIP(**json.load(f))`` builds the architecture a folded
+    checkpoint loads into, with nothing hand-written."""
+    path = Path(out_dir) / MODEL_CONFIG_FILE
+    path.write_text(json.dumps(open_clip_config(model_config), indent=1, sort_keys=True) + "\n")
+    return path
 
 
 # -------------------------------------------------------------------- writers for builders

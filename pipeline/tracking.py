@@ -92,3 +92,28 @@ class Tracker:
         if self.run is not None:
             self._safe(self.run.finish)
             self.run = None
+
+
+def log_run(tracker: Tracker, summary: dict, ev, timings: dict, plots: list[Path]) -> None:
+    """The log stage: summary metrics, stage times, the result tables and the plots."""
+    tracker.summary(flat_metrics(summary))
+    tracker.log({f"time/{k}": v for k, v in timings.items()})
+    for name in ("scenarios", "fronts", "reference", "cost"):
+        tracker.table(name, getattr(ev, name))
+    for p in plots:
+        if p.suffix == ".png":
+            tracker.image(f"plots/{p.stem}", p)
+
+
+def flat_metrics(summary: dict) -> dict:
+    flat = {}
+    for method, sc in summary["scenarios"].items():
+        for scenario, d in sc.items():
+            flat[f"{method}/{scenario}/average_accuracy"] = d["average"]
+    for method, fr in summary["fronts"].items():
+        for subset, d in fr.items():
+            for metric, v in d.items():
+                flat[f"{method}/{metric}{subset}"] = v
+    for label, d in summary["reference"].items():
+        flat[f"reference/{label}/average_accuracy"] = d["average"]
+    return flat

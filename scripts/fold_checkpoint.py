@@ -112,6 +112,33 @@ def build_model(name: str | None, config: Path | None) -> torch.nn.Module:
     return cls(**cfg)
 
 
+def check_architecture(state: dict, target: torch.nn.Module, args) -> None:
+    """One line naming both sides when the checkpoint does not fit the model."""
+    expected = target.state_dict()
+    arch = f"--model {args.model}" if args.model else f"--model-config {args.model_config}"
+    proj = "visual.proj" if "visual.proj" in state else "proj"
+    if proj in expected and tuple(state[proj].shape) != tuple(expected[proj].shape):
+        (w, d), (w2, d2) = state[proj].shape, expected[proj].shape
+        raise ValueError(
+            f"the checkpoint's image tower has width {w} and embedding {d}, but {arch} has "
+            f"width {w2} and embedding {d2}; pass the model config of the suite that made "
+            "the checkpoint (--model-config, named in the run's artifacts.json)"
+        )
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or extra or shapes:
+        what = (
+            f"{len(missing)} missing keys (first {missing[0]!r})"
+            if missing
+            else f"{len(extra)} unexpected keys (first {extra[0]!r})"
+            if extra
+            else f"{shapes[0]!r} has shape {tuple(state[shapes[0]].shape)}, "
+            f"{arch} expects {tuple(expected[shapes[0]].shape)}"
+        )
+        raise ValueError(f"the checkpoint does not match {arch}: {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -137,14 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         p = preference_vector(parse_floats(args.preference), names, args.tasks)
         if args.normalize and sum(p) > 0:
             p = [x / sum(p) for x in p]
-        W = react.preference_map(
-            stats,
-            p,
-            aggregation=args.aggregation,
-            beta=args.beta,
-            normalize=args.normalize,
-            dtype=torch.float64,
-        )
+        try:
+            W = react.preference_map(
+                stats,
+                p,
+                aggregation=args.aggregation,
+                beta=args.beta,
+                normalize=args.normalize,
+                dtype=torch.float64,
+            )
+        except ValueError as e:  # the library's advice names its keyword; name the flag
+            raise ValueError(str(e).replace("pass normalize=True", "pass --normalize")) from None
         state = load_checkpoint(args.checkpoint)
         full = "visual.proj" in state
         if not full and "proj" not in state:
@@ -154,10 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         folded = fold.fold_state_dict(state, W)
         model = build_model(args.model, args.model_config)
         target = model if full else model.visual
-        try:
-            target.load_state_dict(folded, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"the checkpoint does not match the model architecture: {e}") from None
+        check_architecture(folded, target, args)
+        target.load_state_dict(folded, strict=True)
         out = {k: v.detach().contiguous() for k, v in target.state_dict().items()}
         check_finite(out, args.checkpoint)
     except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:

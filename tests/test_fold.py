@@ -253,7 +253,31 @@ def test_cli_errors(cli_files, capsys):
     wrong.write_text(json.dumps(cfg))
     with pytest.raises(SystemExit):
         main(base[:4] + ["--model-config", str(wrong), "--out", "x", "--preference", "1,0,0"])
-    assert "does not match the model architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"does not match --model-config {wrong}: 12 missing keys (first 'visual.transformer.resblocks.1."
+        in err
+    )
+    assert len(err.strip().splitlines()) == 1
+    # another width: one line naming both widths and the flag that fixes it
+    cfg["vision_cfg"].update(layers=1, width=48)
+    wrong.write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit):
+        main(base[:4] + ["--model-config", str(wrong), "--out", "x", "--preference", "1,0,0"])
+    err = capsys.readouterr().err
+    assert (
+        "has width 32 and embedding 16, but --model-config" in err
+        and "width 48 and embedding 16" in err
+    )
+    assert (
+        "--model-config, named in the run's artifacts.json" in err
+        and len(err.strip().splitlines()) == 1
+    )
+    # the advice names the CLI flag, not the library keyword
+    with pytest.raises(SystemExit):
+        main(base + ["--preference", "1,1,1"])
+    err = capsys.readouterr().err
+    assert "pass --normalize" in err and "normalize=True" not in err
 
 
 def test_cli_subprocess(cli_files):
