@@ -46,6 +46,8 @@ from pipeline import main as pm
 from pipeline.cache import Cache
 
 pytestmark = pytest.mark.reliability
+TASKS = list(pm.compose_config(FAST).suite.tasks)  # read from the config, not hard-coded
+ONE_HOT = "[" + ",".join(["1"] + ["0"] * (len(TASKS) - 1)) + "]"
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -173,7 +175,7 @@ def test_code_edit_recomputes_exactly_the_units_it_computes(baseline, full_cache
         ("correction.beta=nan", "correction.beta"),
         ("batch_size=0", "batch_size"),
         ("preferences.sets=[]", "preferences.sets"),
-        ("preferences.custom=[[0.5,0.5],[0.25,0.25,0.25,0.25]]", "preferences.custom"),
+        (f"preferences.custom=[[0.5,0.5],{ONE_HOT}]", "preferences.custom"),
     ],
 )
 def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, key):
@@ -191,8 +193,8 @@ def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, ke
         ("methods=[react,react]", "methods=['react', 'react']: names a method twice"),
         ("calibration.size=1", "calibration.size=1: an integer is a count"),
         ("calibration.seed=-1", "calibration.seed=-1: must be an integer >= 0"),
-        ("preferences.pairs=[[mnist,nosuchtask]]", "unknown task(s) ['nosuchtask']"),
-        ("suite.tasks=[mnist,nosuchtask]", "suite.tasks has unknown offline tasks ['nosuchtask']"),
+        (f"preferences.pairs=[[{TASKS[0]},nosuchtask]]", "unknown task(s) ['nosuchtask']"),
+        (f"suite.tasks=[{TASKS[0]},nosuchtask]", "suite.tasks has unknown offline tasks"),
         ("seed=abc", "seed='abc': must be an integer >= 0"),
         ("num_threads=0", "num_threads=0: must be an integer >= 1 or null"),
         ("feature_workers=-1", "feature_workers=-1: must be an integer >= 0"),
@@ -200,7 +202,7 @@ def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, ke
         ("correction.beta=-1", "correction.beta=-1"),
         ("merge=adamerging merge.steps=0", "merge.steps=0: must be an integer >= 1"),
         ("merge=ties merge.combine=max", "merge.combine='max': must be one of sum, mean"),
-        ("preferences.pairs=[[mnist]]", "preferences.pairs=[['mnist']]: each entry must be 2"),
+        (f"preferences.pairs=[[{TASKS[0]}]]", f"preferences.pairs=[['{TASKS[0]}']]: each entry"),
         ("preferences.simplex_step=0", "preferences.simplex_step=0"),
         ("preferences.pairwise_steps=1", "preferences.pairwise_steps=1"),
         ("methods=[react] fixed_methods=[react]", "fixed_methods=['react']: ['react'] also in"),
@@ -217,7 +219,7 @@ def test_every_key_is_checked(override, message):
 
 
 def test_flat_custom_preference_and_counts_are_still_accepted():
-    for extra in (["preferences.custom=[0.25,0.25,0.25,0.25]"], ["calibration.size=2"], []):
+    for extra in ([f"preferences.custom={ONE_HOT}"], ["calibration.size=2"], []):
         pm.validate_config(pm.compose_config([*FAST, *extra]))
 
 
