@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import compat  # noqa: F401
+from . import compat, lifecycle  # noqa: F401
 from .artifacts import run_artifacts
-from .cache import Cache
+from .cache import Cache, disk_full
 from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
 from .features import resolve_device
-from .merge import load_merged, run_merge, validate_merge_config
+from .merge import load_merged, run_merge
 from .methods import build_method, reference_accuracies, sweep
 from .paths import CONFIG_DIR, describe_cache
 from .report import (
@@ -40,52 +40,13 @@ from .report import (
 from .stages import (
     Context,
     ModelRef,
-    calibration_count,
     calibration_indices,
-    calibration_split,
 )
 from .suites import build_suite
 from .tracking import Tracker
+from .validation import validate_config
 
 log = logging.getLogger("react")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no data, before any heavy stage; messages say what to change."""
-    resolve_device(cfg.device)
-    validate_merge_config(cfg.merge)
-    tasks = list(cfg.suite.tasks)
-    if len(set(tasks)) != len(tasks) or len(tasks) < 2:
-        raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
-    resolve_tasks3(tasks, cfg.tasks3)
-    calibration_split(cfg.calibration.source)
-    # type and range of calibration.size now; its bound by the split size once the suite is built
-    calibration_count(cfg.calibration.size, sys.maxsize)
-    c = cfg.correction
-    if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
-        raise ValueError(
-            f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}"
-        )
-    if c.aggregation not in ("closed_form", "naive", "polar"):
-        raise ValueError(
-            f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}"
-        )
-    if c.reduction not in ("mean", "sum"):
-        raise ValueError(f"correction.reduction must be mean or sum, got {c.reduction!r}")
-    for name in list(cfg.methods) + list(cfg.fixed_methods):
-        build_method(name, method_cfg(cfg, name))
-    preference_sets(cfg.preferences, tasks, resolve_tasks3(tasks, cfg.tasks3))
-    from .suites import BUILDERS
-
-    if cfg.suite.name not in BUILDERS:
-        raise ValueError(
-            f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}"
-        )
-    import importlib
-
-    builder = importlib.import_module(BUILDERS[cfg.suite.name])
-    if hasattr(builder, "validate"):
-        builder.validate(cfg.suite, cfg.backbone)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -118,10 +79,9 @@ def apply_runtime(cfg: DictConfig) -> torch.device:
 
 
 def script_output_dir(out: Path | None, cfg: DictConfig, name: str) -> Path:
-    """``out``, or ``<paths.output_dir>/<name>/<time>``; created."""
-    out = (
-        Path(out) if out else Path(cfg.paths.output_dir) / name / time.strftime("%Y-%m-%d_%H-%M-%S")
-    )
+    """``out``, or ``<paths.output_dir>/<name>/<time>-<run id>`` (unique per process); created."""
+    stamp = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{lifecycle.run_id()}"
+    out = Path(out) if out else Path(cfg.paths.output_dir) / name / stamp
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -145,7 +105,8 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         log.info(describe_cache(Path(cfg.paths.cache_dir)))
         cache = Cache(cfg.paths.cache_dir)
         cache.sweep_tmp()
-        summary = _run(cfg, cache, device, run_dir, tracker)
+        with disk_full(run_dir, "the run's tables and report"):
+            summary = _run(cfg, cache, device, run_dir, tracker)
     except BaseException as e:
         mark_failed(run_dir, e)
         tracker.fail(e)
@@ -263,6 +224,8 @@ def main(cfg: DictConfig) -> dict:
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
@@ -281,6 +244,7 @@ def main(cfg: DictConfig) -> dict:
 def cli() -> None:
     """The console command (``react-merging``, ``python -m pipeline.main``): Hydra's app.
     A config Hydra cannot compose (an unknown key, a bad override) is a user error too: exit 2."""
+    lifecycle.mark_launcher()  # multirun workers it starts end with it
     try:
         main()
     except SystemExit as e:

@@ -36,7 +36,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .cache import atomic_write_text
+from .cache import atomic_write, atomic_write_text
 from .evaluate import Evaluation, priority_rule_text
 from .merge import merge_conventions
 from .stages import calibration_split
@@ -215,12 +215,12 @@ def write_plots(
 
 
 def write_table(df: pd.DataFrame, run_dir: Path, name: str) -> None:
-    tmp = run_dir / f".{name}.csv.tmp"
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    tmp.replace(run_dir / f"{name}.csv")
-    tmp = run_dir / f".{name}.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(run_dir / f"{name}.parquet")
+    """``<name>.csv`` and ``<name>.parquet``, each written atomically under a temporary name
+    unique to this writer (two runs writing one folder never share a temporary file)."""
+    atomic_write(
+        run_dir / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f")
+    )
+    atomic_write(run_dir / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def build_summary(
