@@ -65,7 +65,7 @@ def _pipeline(out: Path, cache: Path, *extra: str, run_dir: Path | None = None, 
         env=kw.pop("env", None) or _env(),
         capture_output=True,
         text=True,
-        timeout=kw.pop("timeout", 300),
+        timeout=kw.pop("timeout", 1800),  # a cold tiny suite on a loaded shared CPU: minutes
     )
 
 
