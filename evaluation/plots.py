@@ -634,12 +634,12 @@ def plot_cost(cost_df: pd.DataFrame, out_dir) -> list[Path]:
 def _sweep_positions(values: Sequence[str]) -> tuple[np.ndarray, list[str], str]:
     """x positions of the swept values, their labels in order, and the axis scale: numbers
     in numeric order on a log axis (all positive, spanning 20x or more) or a linear one;
-    values with inf, or not numbers, evenly spaced (scale "even")."""
+    numbers with inf evenly spaced (scale "even"); names (scale "category") in their order."""
     labels = list(dict.fromkeys(values))
     try:
         nums = np.array([float(v) for v in labels])
     except ValueError:
-        return np.arange(len(labels), dtype=float), labels, "even"
+        return np.arange(len(labels), dtype=float), labels, "category"
     order = np.argsort(nums, kind="stable")
     labels, nums = [labels[i] for i in order], nums[order]
     if not np.all(np.isfinite(nums)):
@@ -667,7 +667,7 @@ def sweep_figure(table: pd.DataFrame, key: str) -> Figure:
     pos = dict(zip(labels, x, strict=True))
     methods = list(dict.fromkeys(table.method))
     colours = _colours(methods)
-    styles = ("-o", "--s", ":^")
+    styles = (("-", "o"), ("--", "s"), (":", "^"))
     panels = [("average accuracy (%)", acc_cols)] + (
         [("hypervolume (x100)", hv_cols)] if hv_cols else []
     )
@@ -678,11 +678,12 @@ def sweep_figure(table: pd.DataFrame, key: str) -> Figure:
             for m in methods:
                 d = table[table.method == m].assign(_x=lambda f: f[key].astype(str).map(pos))
                 d = d.sort_values("_x")
-                for col, style in zip(cols, styles, strict=False):
+                for col, (ls, marker) in zip(cols, styles, strict=False):
                     ax.plot(
                         d._x,
                         d[col],
-                        style,
+                        ls="none" if scale == "category" else ls,  # no line between names
+                        marker=marker,
                         color=colours[m],
                         ms=5,
                         lw=1.4,
@@ -695,9 +696,7 @@ def sweep_figure(table: pd.DataFrame, key: str) -> Figure:
             if scale == "log":
                 ax.set_xscale("log")
             ax.set_xticks(x, labels)
-            ax.set_xlabel(
-                key + (" (evenly spaced, not to scale)" if scale == "even" and len(x) > 2 else "")
-            )
+            ax.set_xlabel(key + (" (evenly spaced, not to scale)" if scale == "even" else ""))
             ax.set_ylabel(ylabel)
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
         fig.suptitle(f"Sweep over {key}")

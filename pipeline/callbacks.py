@@ -31,4 +31,9 @@ class CollectOnMultirunEnd(Callback):
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         if job_return.status == JobStatus.FAILED and config.hydra.mode == RunMode.MULTIRUN:
+            from .report import FAILED, mark_failed
+
+            job_dir = Path(config.hydra.runtime.output_dir)
+            if job_dir.is_dir() and not (job_dir / FAILED).exists():  # failed before run() began
+                mark_failed(job_dir, job_return.return_value)
             collect_sweep(Path(config.hydra.sweep.dir))

@@ -30,6 +30,7 @@ from .merge import load_merged, run_merge
 from .methods import build_method, reference_accuracies, sweep
 from .paths import CONFIG_DIR, describe_cache
 from .report import (
+    MARKER,
     begin_run,
     mark_complete,
     mark_failed,
@@ -96,7 +97,12 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     """Run the whole pipeline for ``cfg``; returns the summary dict. The run folder ends with
     ``run_complete.json`` (success) or ``run_failed.json``, and W&B marks a failure failed."""
     run_dir = Path(run_dir or cfg.paths.output_dir)
-    validate_config(cfg)  # before any folder or W&B run: a bad config leaves nothing behind
+    try:
+        validate_config(cfg)  # before any folder or W&B run: a bad config leaves nothing behind
+    except BaseException as e:
+        if (run_dir / MARKER).exists():  # a reused folder: its old results are not this run's
+            mark_failed(run_dir, e)
+        raise
     tracker = Tracker.for_job(cfg, run_dir)
     try:
         _prepare_run_dir(run_dir)  # a rerun into this folder never leaves stale outputs

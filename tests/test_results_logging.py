@@ -210,44 +210,67 @@ def test_marker_is_the_last_file_of_a_run(sweep):
         assert marker.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in written)
 
 
-def test_failed_job_still_gives_tables_naming_failed_and_missing_jobs(tmp_path, cache):
-    """Jobs 2 and 3 fail (beta=-1; the basic launcher runs every job, then Hydra skips
-    on_multirun_end); jobs 0 and 1 differ only in num_threads= and stay two rows (they were
-    once averaged into one)."""
+def test_failed_job_still_gives_tables_naming_failed_and_missing_jobs(tmp_path, cache, sweep):
+    """Jobs 2 and 3 fail after the suite is built (a calibration count larger than a split;
+    the basic launcher runs every job, then Hydra skips on_multirun_end); jobs 0 and 1
+    differ only in num_threads= and stay two rows (they were once averaged into one)."""
     base = [o for o in BASE if not o.startswith("num_threads=")]
-    sweep = tmp_path / "sweep"
+    sweep_dir = tmp_path / "sweep"
     proc = pipeline(
         "--multirun",
         *base,
         "logger=wandb_offline",
         "preferences.sets=[equal,priority,one_hot]",
         f"paths.output_dir={tmp_path}",
-        f"paths.cache_dir={cache}",
-        f"hydra.sweep.dir={sweep}",
-        "correction.beta=0.2,-1",
+        f"paths.cache_dir={cache}",  # built by the sweep fixture
+        f"hydra.sweep.dir={sweep_dir}",
+        "calibration.size=0.1,100000",
         "num_threads=1,2",
         ok=False,
     )
     assert proc.returncode != 0
-    md = (sweep / "collected.md").read_text()
+    md = (sweep_dir / "collected.md").read_text()
     assert "Collected 2 complete job(s) of 4." in md
     for num in ("2", "3"):
-        assert f"`{num}` failed: ValueError: correction.beta must be a number >= 0" in md
-    t1 = pd.read_csv(sweep / "table1.csv")
-    assert list(t1[["correction.beta", "num_threads"]].itertuples(index=False, name=None)) == [
-        (0.2, 1),
-        (0.2, 2),
+        assert f"`{num}` failed: ValueError: calibration.size=100000 is larger than" in md
+    t1 = pd.read_csv(sweep_dir / "table1.csv")
+    assert list(t1[["calibration.size", "num_threads"]].itertuples(index=False, name=None)) == [
+        (0.1, 1),
+        (0.1, 2),
     ]
     # the failed job: run_failed.json, no marker, and a W&B run with exit code 1
-    assert not (sweep / "2" / "run_complete.json").exists()
-    assert "correction.beta" in json.loads((sweep / "2" / "run_failed.json").read_text())["error"]
-    (failed,) = read_runs(sweep / "2")
+    assert not (sweep_dir / "2" / "run_complete.json").exists()
+    assert (
+        "calibration.size" in json.loads((sweep_dir / "2" / "run_failed.json").read_text())["error"]
+    )
+    (failed,) = read_runs(sweep_dir / "2")
     assert failed.exit_code == 1 and failed.job_type == "pipeline" and "failed" in failed.tags
-    assert [r.exit_code for r in read_runs(sweep / "0")] == [0]
+    assert [r.exit_code for r in read_runs(sweep_dir / "0")] == [0]
     # scripts/collect.py says the same, on stderr, and still exits 0 (two jobs collected)
-    cli = collect_cli(sweep)
+    cli = collect_cli(sweep_dir)
     assert cli.returncode == 0, cli.stderr
     assert "`2` failed" in cli.stderr and "`3` failed" in cli.stderr
+
+
+def test_a_job_with_a_bad_config_is_named_failed(tmp_path, cache, sweep):
+    """A job rejected by validation (before any folder output or W&B run) is still a
+    failed job of the sweep, with its error, not an unexplained incomplete folder."""
+    sweep_dir = tmp_path / "sweep"
+    proc = pipeline(
+        "--multirun",
+        *BASE,
+        "logger=disabled",
+        "preferences.sets=[equal,priority,one_hot]",
+        f"paths.output_dir={tmp_path}",
+        f"paths.cache_dir={cache}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "correction.beta=0.2,-1",
+        ok=False,
+    )
+    assert proc.returncode != 0
+    md = (sweep_dir / "collected.md").read_text()
+    assert "Collected 1 complete job(s) of 2." in md
+    assert "`1` failed: ValueError: correction.beta must be a number >= 0" in md
 
 
 def test_two_multiruns_in_one_folder_stay_apart(tmp_path, sweep):
@@ -278,31 +301,31 @@ def test_two_multiruns_in_one_folder_stay_apart(tmp_path, sweep):
     )
 
 
-def test_rerun_into_a_used_folder_removes_its_old_outputs_first(tmp_path, sweep):
-    """A complete run folder reused by a run that fails: the old summary, tables and marker
-    are gone before anything else happens, and collect reads nothing from the folder."""
-    run = tmp_path / "run"
-    shutil.copytree(sweep / "0", run, ignore=shutil.ignore_patterns("wandb"))
-    assert (run / "summary.json").exists() and (run / "run_complete.json").exists()
-    proc = pipeline(
-        *BASE,
-        "logger=disabled",
-        f"paths.output_dir={tmp_path}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={run}",
-        "correction.beta=-1",
-        ok=False,
-    )
-    assert proc.returncode != 0 and "correction.beta" in proc.stderr
-    left = {p.name for p in run.iterdir()}
-    assert not left & {
-        "summary.json",
-        "results.csv",
-        "fronts.csv",
-        "report.md",
-        "plots",
-        "run_complete.json",
-    }
-    assert "run_failed.json" in left
-    cli = collect_cli(run)
-    assert cli.returncode == 1 and "failed" in cli.stderr
+def test_rerun_into_a_used_folder_removes_its_old_outputs_first(tmp_path, cache, sweep):
+    """A complete run folder reused by a run that fails after its config was accepted: the
+    old summary, tables and marker are gone before anything else happens; reused by a run
+    whose config is rejected: the folder is marked failed. Collect reads neither."""
+    for name, bad, removed in (
+        ("late", "calibration.size=100000", True),
+        ("bad_config", "correction.beta=-1", False),
+    ):
+        run = tmp_path / name
+        shutil.copytree(sweep / "0", run, ignore=shutil.ignore_patterns("wandb"))
+        assert (run / "summary.json").exists() and (run / "run_complete.json").exists()
+        proc = pipeline(
+            *BASE,
+            "logger=disabled",
+            "preferences.sets=[equal,priority,one_hot]",
+            f"paths.output_dir={tmp_path}",
+            f"paths.cache_dir={cache}",
+            f"hydra.run.dir={run}",
+            bad,
+            ok=False,
+        )
+        assert proc.returncode != 0 and bad.split("=")[0] in proc.stderr
+        left = {p.name for p in run.iterdir()}
+        assert "run_complete.json" not in left and "run_failed.json" in left
+        if removed:
+            assert not left & {"summary.json", "results.csv", "fronts.csv", "report.md", "plots"}
+        cli = collect_cli(run)
+        assert cli.returncode == 1 and "failed" in cli.stderr
