@@ -19,9 +19,9 @@ import merging
 from merging.ties import KEEP_RULES, ZERO_SIGN_RULES
 
 from .cache import Cache, Unit
+from .codeversion import merge_code
 from .suite import Suite, normalize_images, save_state
 
-CODE_VERSION = 2  # bump when a merge implementation changes its numbers (2: TIES conventions)
 MERGES = (
     "task_arithmetic",
     "ties",
@@ -82,7 +82,7 @@ def merge_conventions(cfg) -> str | None:
 
 def merge_material(cfg, suite: Suite, device: torch.device) -> dict:
     """What determines a merge's weights: the cache key material of ``run_merge``."""
-    material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
+    material = {"suite": suite.key, "merge": cfg, "code": merge_code(cfg.name)}
     if cfg.name in ("adamerging", "adamerging_pp", "lot"):
         material["device_type"] = device.type  # learned merges are not bit-equal across devices
     return material

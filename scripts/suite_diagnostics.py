@@ -37,6 +37,7 @@ Writes ``regime.md`` and ``regime.json`` into ``--out`` (default
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -97,18 +98,18 @@ def ta_ref(ctx: Context, scale: float) -> ModelRef:
     ``merge=task_arithmetic merge.scale=<scale>``, so features are shared with those runs."""
     cfg = OmegaConf.create({"name": "task_arithmetic", "scale": scale})
     key = Cache.key("merge", merge_material(cfg, ctx.suite, ctx.device))
-    return ModelRef(
-        f"merged:{key}",
-        f"TA {scale:g}",
-        lambda: merging.task_arithmetic(*ctx.task_vector_inputs, scale=scale),
-    )
+    # built at most once per model (a features unit per task would otherwise rebuild it)
+    state = functools.cache(lambda: merging.task_arithmetic(*ctx.task_vector_inputs, scale=scale))
+    return ModelRef(f"merged:{key}", f"TA {scale:g}", state)
 
 
 def merged_ref(ctx: Context, merge_cfg, label: str) -> tuple[ModelRef, float]:
     """A pipeline merge (cached unit) as a model, and the seconds its computation took."""
     unit = run_merge(merge_cfg, ctx.suite, ctx.cache, ctx.device, progress=ctx.progress)
     seconds = float(ctx.cache.manifest(unit).get("extra", {}).get("seconds", float("nan")))
-    return ModelRef(f"merged:{unit.key}", label, lambda: load_merged(unit)), seconds
+    return ModelRef(
+        f"merged:{unit.key}", label, functools.cache(lambda: load_merged(unit))
+    ), seconds
 
 
 def measure(cfg, merges: dict, grid: list[float], energy: float) -> dict:

@@ -181,7 +181,7 @@ def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProc
         "0.1:0.5:0.2",
         *extra,
     ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

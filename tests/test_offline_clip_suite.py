@@ -200,3 +200,16 @@ def test_bad_config_is_rejected_before_work(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         build_suite(cfg, Cache(tmp_path), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_merge_pretrained_is_theta_0(built, tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.merge import load_merged, run_merge
+
+    cfg, cache, suite = built
+    unit = run_merge(
+        OmegaConf.create({"name": "pretrained"}), suite, cache, torch.device("cpu"), progress=False
+    )
+    merged, pre = load_merged(unit), suite.pretrained_state()
+    assert merged.keys() == pre.keys() and all(torch.equal(merged[k], pre[k]) for k in pre)

@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import checkpoints as ckpt
 from ..cache import Cache, Unit, stable_hash
 from ..checkpoints import CheckpointRef, Resource
+from ..codeversion import code_version
 from ..suite import SPLITS, Suite, preprocess_pil, save_state
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,16 @@ TASKS_FILE = Path(__file__).with_name("paper8_tasks.json")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOURCES = ("hf", "task_vectors", "state_dict")
-CODE_VERSIONS = {
-    "images": "paper8-images-1",
-    "backbone": "paper8-backbone-1",
-    "pretrained": "paper8-pretrained-1",
-    "expert": "paper8-expert-1",
-    "head": "paper8-head-1",
-    "heads": "paper8-heads-1",
+# per unit, the modules whose code computes it (their source hash is in the unit's key)
+_UNIT_CODE = {
+    "images": ("pipeline.suite",),
+    "backbone": ("pipeline.suite",),
+    "pretrained": ("pipeline.checkpoints", "pipeline.suite"),
+    "expert": ("pipeline.checkpoints", "pipeline.suite"),
+    "head": ("pipeline.zeroshot",),
+    "heads": (),
 }
+CODE_VERSIONS = {k: code_version(__name__, *mods) for k, mods in _UNIT_CODE.items()}
 _CHUNK = 64  # images per decoding task
 
 
@@ -209,9 +212,7 @@ def _looks_like_path(s: str) -> bool:
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = ckpt.load_safetensors(path)
     else:
         state = ckpt.load_torch_weights(path)
         state = state.get("state_dict", state)
