@@ -25,7 +25,7 @@ SCRIPT_ARGS = suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) $(ARGS)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare
+        ablation-aggregation tsne compare time-targets
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -53,6 +53,7 @@ bench: venv
 	$(PY) bench/bench_react.py
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_preference_models.py
 
 lint: venv
 	$(PY) -m ruff check .
@@ -85,3 +86,7 @@ tsne: venv
 	$(PY) scripts/tsne.py $(SCRIPT_ARGS)
 compare: venv
 	$(RUN) experiment=compare $(HARGS)
+
+# every target above at full and FAST=1 settings, timed (TIME_ARGS="--targets compare ..."); a markdown table in outputs/
+time-targets: venv
+	$(PY) scripts/time_targets.py $(TIME_ARGS)
