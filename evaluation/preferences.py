@@ -115,9 +115,27 @@ def one_hot(T: int) -> np.ndarray:
     return np.eye(T)
 
 
+def priority_main(T: int, rule: str = "ratio", ratio: float = 3.0, main: float = 0.3) -> float:
+    """The measured task's weight in the priority scenario.
+
+    ``rule="ratio"`` (default): the measured task gets ``ratio`` times each other task's weight,
+    ratio / (T - 1 + ratio) (3 / (T + 2) at ratio 3: the paper's 0.3 at T = 8, 0.5 at T = 4),
+    so it stays a priority at any number of tasks. ``rule="fixed"``: ``main`` whatever T.
+    """
+    _check_T(T, minimum=2)
+    if rule == "ratio":
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio >= 1):
+            raise ValueError(f"priority: ratio must be a number >= 1, got {ratio!r}")
+        return float(ratio) / (T - 1 + float(ratio))
+    if rule == "fixed":
+        return main
+    raise ValueError(f"priority: rule must be 'ratio' or 'fixed', got {rule!r}")
+
+
 def priority(T: int, main: float = 0.3) -> np.ndarray:
     """Priority preferences, shape (T, T): row t gives ``main`` to task t, (1 - main)/(T - 1)
-    to each other task. With T = 8, main = 0.3: 0.3 and 0.1 each."""
+    to each other task. With T = 8, main = 0.3: 0.3 and 0.1 each (see :func:`priority_main`
+    for the ratio rule that picks ``main`` from T)."""
     _check_T(T, minimum=2)
     if not (isinstance(main, (int, float)) and math.isfinite(main) and 0.0 <= main <= 1.0):
         raise ValueError(f"priority: main must be a number in [0, 1], got {main!r}")

@@ -74,6 +74,33 @@ def resolve_tasks3(tasks: list[str], tasks3) -> list[str]:
     return tasks3
 
 
+def priority_weight(cfg, T: int) -> float:
+    """The measured task's weight in the priority scenario under ``preferences.priority_rule``."""
+    rule = cfg.get("priority_rule", "ratio")
+    if rule not in ("ratio", "fixed"):
+        raise ValueError(f"preferences.priority_rule must be ratio or fixed, got {rule!r}")
+    if rule == "fixed" and not 0 <= cfg.priority_main <= 1:
+        raise ValueError(f"preferences.priority_main must be in [0, 1], got {cfg.priority_main}")
+    if rule == "ratio" and not float(cfg.get("priority_ratio", 3.0)) >= 1:
+        raise ValueError(
+            f"preferences.priority_ratio must be >= 1, got {cfg.get('priority_ratio')}"
+        )
+    return prefs_lib.priority_main(
+        T, rule, float(cfg.get("priority_ratio", 3.0)), float(cfg.priority_main)
+    )
+
+
+def priority_rule_text(cfg, T: int) -> str:
+    """One line for reports: which priority rule and the weights it gives at T tasks."""
+    w = priority_weight(cfg, T)
+    rest = (1 - w) / (T - 1)
+    if cfg.get("priority_rule", "ratio") == "ratio":
+        how = f"ratio rule: {float(cfg.get('priority_ratio', 3.0)):g}x each other task"
+    else:
+        how = "fixed rule"
+    return f"priority scenario ({how}): measured task {w:.3f}, each other {rest:.3f} at T = {T}"
+
+
 def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.ndarray]:
     """Named (P, T) preference arrays for the sets listed in ``cfg.sets``."""
     T = len(tasks)
@@ -86,11 +113,7 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
         if name == "equal":
             out["equal"] = prefs_lib.equal(T)
         elif name == "priority":
-            if not 0 <= cfg.priority_main <= 1:
-                raise ValueError(
-                    f"preferences.priority_main must be in [0, 1], got {cfg.priority_main}"
-                )
-            out["priority"] = prefs_lib.priority(T, main=cfg.priority_main)
+            out["priority"] = prefs_lib.priority(T, main=priority_weight(cfg, T))
         elif name == "one_hot":
             out["one_hot"] = prefs_lib.one_hot(T)
         elif name == "pairwise":

@@ -23,7 +23,15 @@ from .suite import Suite, normalize_images, save_state
 
 log = logging.getLogger("react")
 CODE_VERSION = 1  # bump when a merge implementation changes its numbers
-MERGES = ("task_arithmetic", "ties", "weight_average", "adamerging", "adamerging_pp", "lot")
+MERGES = (
+    "task_arithmetic",
+    "ties",
+    "weight_average",
+    "adamerging",
+    "adamerging_pp",
+    "lot",
+    "pretrained",
+)
 
 
 class IndexedImages:
@@ -50,18 +58,26 @@ def validate_merge_config(cfg) -> None:
         raise ValueError(f"merge.density must be in (0, 1], got {cfg.density}")
 
 
-def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
-    """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
-    validate_merge_config(cfg)
+def merge_material(cfg, suite: Suite, device: torch.device) -> dict:
+    """What determines a merge's weights: the cache key material of ``run_merge``."""
     material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
     if cfg.name in ("adamerging", "adamerging_pp", "lot"):
         material["device_type"] = device.type  # learned merges are not bit-equal across devices
+    return material
+
+
+def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: bool = True) -> Unit:
+    """Merged image-tower state dict for ``cfg`` (a ``merge`` group node), cached."""
+    validate_merge_config(cfg)
+    material = merge_material(cfg, suite, device)
 
     def compute(out: Path):
         t0 = time.perf_counter()
         pre, experts = suite.pretrained_state(), suite.expert_states()
         extra = {}
-        if cfg.name == "task_arithmetic":
+        if cfg.name == "pretrained":  # no merge: the correction is fitted on theta_0 itself
+            merged = pre
+        elif cfg.name == "task_arithmetic":
             merged = merging.task_arithmetic(pre, experts, scale=cfg.scale)
         elif cfg.name == "ties":
             merged = merging.ties(

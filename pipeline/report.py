@@ -26,7 +26,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from .cache import atomic_write_text
-from .evaluate import Evaluation
+from .evaluate import Evaluation, priority_rule_text
 from .stages import calibration_split
 
 SCHEMA = "react-merging/summary/v1"
@@ -93,6 +93,7 @@ def run_meta(cfg, suite, calibration: dict, tasks3: list[str], sets: dict) -> di
             + f"; {counts} per task",
         },
         "preference_sets": {k: int(len(v)) for k, v in sets.items()},
+        "priority_rule": priority_rule_text(cfg.preferences, len(suite.tasks)),
     }
 
 
@@ -196,6 +197,7 @@ def markdown_report(
         "",
         f"Calibration: {summary['calibration']['note']}",
         "",
+        *([f"Preferences: {summary['priority_rule']}", ""] if summary.get("priority_rule") else []),
         "## Accuracy (%) per task",
         "",
         "| model | " + " | ".join(tasks) + " | avg |",

@@ -1,4 +1,7 @@
-"""Does the offline suite show the problem ReACT solves? Prints a markdown table.
+"""The first offline suite (`suite=offline4`): build times and a quick accuracy table.
+
+Kept for the numbers in bench/results_offline_suite.md; the default suite's regime is
+measured by scripts/suite_diagnostics.py (no method result) instead.
 
 Builds (or loads) the offline suite, then on each task's test split: the pretrained
 encoder with the frozen prototype heads ("zero-shot"), each expert on its own task, the
@@ -9,7 +12,7 @@ applied as z' = z W_t, and with one shared correction for all tasks (equal weigh
 W = (sum_t M_t^T M_t / n_t)^+ (sum_t M_t^T E_t / n_t), the unregularised (beta = 0)
 equal-preference ReACT map written inline. Accuracy in %.
 
-    .venv/bin/python scripts/check_offline_suite.py [--config configs/suite/offline.yaml]
+    .venv/bin/python scripts/check_offline_suite.py [--config configs/suite/offline4.yaml]
         [--cache .cache] [--threads 2] [--lam 0.3] [key=value overrides ...]
 """
 
@@ -44,7 +47,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--config", default=str(ROOT / "configs/suite/offline.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs/suite/offline4.yaml"))
     ap.add_argument("--cache", default=str(ROOT / ".cache"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lam", type=float, default=0.3)

@@ -1,4 +1,4 @@
-"""The embedded offline suite, built in its tiny setting into a temporary cache.
+"""The first embedded offline suite (SimCLR, four greyscale tasks; `suite=offline4`), built in its tiny setting into a temporary cache.
 
 Checks against independent computations written here: the images are the wheels' own
 arrays (re-read from the packages), the split is stratified, disjoint and sized as the
@@ -27,7 +27,7 @@ from pipeline.suites import build_suite
 from pipeline.suites import offline as offline_mod
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "suite" / "offline_tiny.yaml"
+TINY = ROOT / "configs" / "suite" / "offline4_tiny.yaml"  # the first (SimCLR) suite
 
 
 def tiny_cfg(**dotlist):

@@ -1,14 +1,23 @@
-"""The embedded offline suite: the project's default demo, built on a laptop CPU in minutes.
+"""The embedded offline suites: the project's default demo, built on a laptop CPU in minutes.
 
-Four real image classification tasks from PyPI wheels (see ``offline_data``), a small
-open_clip ViT pretrained here with SimCLR as the shared "pretrained CLIP", frozen class-
-prototype heads as its "zero-shot heads", and one fully fine-tuned expert per task (see
-``offline_train``). Everything is a cache unit, so it is built once and reused:
+Real image classification tasks from PyPI wheels (see ``offline_data``), a small open_clip
+model pretrained here as the shared "pretrained CLIP", frozen zero-shot heads, and one fully
+fine-tuned expert per task (see ``offline_train``). Two recipes, chosen by
+``suite.pretrain.method``:
 
-    offline_dataset[task]  wheel arrays -> split DatasetDict (save_to_disk)
+- ``clip`` (the default suite, ``configs/suite/offline.yaml``): a mini-CLIP, both towers
+  trained contrastively on weakly captioned images of a pretraining pool disjoint from every
+  evaluated image (``offline_text``), and zero-shot heads from the text tower under prompt
+  templates, as CLIP's;
+- ``simclr`` (the first suite, ``configs/suite/offline4.yaml``): the image tower trained with
+  SimCLR on the tasks' train images, and class-prototype heads of the pretrained encoder.
+
+Everything is a cache unit, so it is built once and reused:
+
+    offline_dataset[task]  wheel arrays -> pretraining pool + split DatasetDict (save_to_disk)
     offline_images[task]   DatasetDict -> uint8 (N, 3, H, W) npy per split
-    offline_pretrained     SimCLR on the pooled train images of all tasks
-    offline_heads          class prototypes of the pretrained encoder, one (C, D) per task
+    offline_pretrained     mini-CLIP (or SimCLR) pretraining
+    offline_heads          zero-shot text heads (or prototypes), one (C, D) per task
     offline_expert[task]   fine-tuned image tower under the task's frozen head
 
 Each unit's key material is its own config subtree, the keys of the units it reads and a
@@ -32,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..cache import Cache, Unit, stable_hash
 from ..suite import Suite, save_state, write_model_config
-from . import offline_data, offline_train
+from . import offline_data, offline_text, offline_train
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,8 @@ CODE_VERSIONS = {
     "images": "offline-images-1",
     "pretrained": "offline-pretrained-1",
     "heads": "offline-heads-1",
+    "clip": "offline-clip-1",
+    "text_heads": "offline-text-heads-1",
     "expert": "offline-expert-1",
 }
 
@@ -74,6 +85,9 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
         raise ValueError(f"suite.tasks lists a task twice: {tasks}")
     sp = cfg.split
     vf, tf = float(sp.val_fraction), float(sp.test_fraction)
+    pf = float(sp.get("pretrain_fraction", 0))
+    if not 0 <= pf < 1:
+        raise ValueError(f"suite.split.pretrain_fraction must be in [0, 1); got {pf}")
     if not (vf > 0 and tf > 0 and vf + tf < 1):
         raise ValueError(
             f"suite.split needs val_fraction > 0, test_fraction > 0 and their sum < 1; got "
@@ -92,6 +106,24 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
             f"suite.model.vision.width {m.vision.width} is not a multiple of head_width "
             f"{m.vision.head_width}"
         )
+    method = cfg.pretrain.get("method", "simclr")
+    if method not in ("simclr", "clip"):
+        raise ValueError(f"suite.pretrain.method must be clip or simclr; got {method!r}")
+    if method == "clip":
+        cap = cfg.get("captions")
+        if cap is None:
+            raise ValueError("suite.pretrain.method=clip needs a suite.captions section")
+        name_p, wrong_p = float(cap.name_prob), float(cap.wrong_prob)
+        if not (0 <= name_p and 0 <= wrong_p and name_p + wrong_p <= 1):
+            raise ValueError(
+                f"suite.captions needs name_prob >= 0, wrong_prob >= 0 and their sum <= 1; "
+                f"got name_prob={name_p} wrong_prob={wrong_p}"
+            )
+        if float(cfg.split.get("pretrain_fraction", 0)) <= 0:
+            raise ValueError(
+                "suite.pretrain.method=clip pretrains on a pool held out from the tasks: set "
+                "suite.split.pretrain_fraction > 0"
+            )
     for section in ("pretrain", "finetune"):
         c = cfg[section]
         if int(c.steps) < 1 or int(c.batch_size) < 2 or float(c.lr) <= 0:
@@ -123,6 +155,170 @@ def _load_safetensors(unit: Unit, name: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(unit.file(name)))
+
+
+def _split(unit: Unit, name: str) -> tuple[np.ndarray, np.ndarray]:
+    d = unit.path / name
+    return np.load(d / "images.npy"), np.load(d / "labels.npy")
+
+
+def _pretrained_material(cfg, model_config, tasks, images_u, code: str) -> dict:
+    return {
+        "code": code,
+        "model_config": model_config,
+        "pretrain": _plain(cfg.pretrain),
+        "mean": tuple(float(v) for v in cfg.mean),
+        "std": tuple(float(v) for v in cfg.std),
+        "images": [images_u[t].key for t in tasks],
+    }
+
+
+def _simclr_units(cfg, cache: Cache, tasks, images_u, model_config, progress) -> tuple[Unit, Unit]:
+    """First suite: SimCLR image tower on the train images, class-prototype heads."""
+    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+
+    def make_pretrained(out):
+        pools = [_split(images_u[t], "train")[0] for t in tasks]
+        state, stats = offline_train.pretrain(
+            model_config, pools, cfg.pretrain, mean, std, progress=progress
+        )
+        write_model_config(out, model_config)
+        save_state(
+            out / "pretrained.safetensors",
+            state,
+            {
+                "suite": "offline",
+                "role": "pretrained",
+                "model_config": model_config,
+                "pretrain": _plain(cfg.pretrain),
+                "tasks": tasks,
+                "stats": stats,
+            },
+        )
+        return stats
+
+    material = _pretrained_material(cfg, model_config, tasks, images_u, CODE_VERSIONS["pretrained"])
+    material["pretrain"] = {k: v for k, v in material["pretrain"].items() if k != "method"}
+    pretrained_u = cache.unit("offline_pretrained", material, make_pretrained)
+    classnames = {t: list(offline_data.SOURCES[t].classnames) for t in tasks}
+
+    def make_heads(out):
+        from ..suite import build_visual
+
+        visual = build_visual(model_config)
+        visual.load_state_dict(_load_safetensors(pretrained_u, "pretrained.safetensors"))
+        heads = {}
+        for t in tasks:
+            x, y = _split(images_u[t], "train")
+            feats = offline_train.encode(visual, x, mean, std)
+            heads[t] = offline_train.class_prototypes(
+                feats, torch.from_numpy(y), len(classnames[t])
+            )
+        save_state(
+            out / "heads.safetensors",
+            heads,
+            {
+                "suite": "offline",
+                "role": "heads",
+                "kind": "class prototypes of the pretrained encoder on the train split",
+                "classnames": classnames,
+            },
+        )
+
+    heads_u = cache.unit(
+        "offline_heads",
+        {
+            "code": CODE_VERSIONS["heads"],
+            "pretrained": pretrained_u.key,
+            "images": {t: images_u[t].key for t in tasks},
+            "classnames": classnames,
+        },
+        make_heads,
+    )
+    return pretrained_u, heads_u
+
+
+def _mini_clip_units(
+    cfg, cache: Cache, tasks, images_u, model_config, progress
+) -> tuple[Unit, Unit]:
+    """Default suite: mini-CLIP on weakly captioned pretraining images, text zero-shot heads."""
+    mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
+    context = int(cfg.model.text.context_length)
+    sources = {t: offline_data.SOURCES[t] for t in tasks}
+
+    def make_pretrained(out):
+        rng = np.random.default_rng(int(cfg.captions.seed))
+        pools, tokens, kinds, examples = [], [], {}, {}
+        for t in tasks:
+            x, y = _split(images_u[t], offline_data.POOL)
+            text, kind = offline_text.captions(
+                y,
+                sources[t].words,
+                sources[t].domain,
+                float(cfg.captions.name_prob),
+                float(cfg.captions.wrong_prob),
+                rng,
+            )
+            pools.append(x)
+            tokens.append(offline_text.tokenize(text, context))
+            kinds[t] = {
+                "images": int(len(y)),
+                "named": int((kind == 1).sum()),
+                "wrong": int((kind == 2).sum()),
+                "coarse": int((kind == 0).sum()),
+            }
+            examples[t] = text[:3]
+        state, stats = offline_train.pretrain_clip(
+            model_config, pools, tokens, cfg.pretrain, mean, std, progress=progress
+        )
+        stats = {**stats, "captions": kinds, "caption_examples": examples}
+        visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
+        write_model_config(out, model_config)
+        meta = {
+            "suite": "offline",
+            "model_config": model_config,
+            "pretrain": _plain(cfg.pretrain),
+            "tasks": tasks,
+            "stats": stats,
+        }
+        save_state(out / "pretrained.safetensors", visual, {**meta, "role": "pretrained"})
+        save_state(out / "clip.safetensors", state, {**meta, "role": "mini-CLIP, both towers"})
+        return stats
+
+    material = _pretrained_material(cfg, model_config, tasks, images_u, CODE_VERSIONS["clip"])
+    material["captions"] = _plain(cfg.captions)
+    material["vocabulary"] = list(offline_text.vocabulary())
+    material["caption_templates"] = [offline_text.NAMED, offline_text.COARSE]
+    material["text"] = [(t, sources[t].words, sources[t].domain) for t in tasks]
+    pretrained_u = cache.unit("offline_pretrained", material, make_pretrained)
+    prompts = {
+        t: [offline_text.prompts(c, sources[t].domain) for c in sources[t].words] for t in tasks
+    }
+
+    def make_heads(out):
+        from ..suite import build_clip
+
+        model = build_clip(model_config)
+        model.load_state_dict(_load_safetensors(pretrained_u, "clip.safetensors"))
+        heads = offline_train.text_heads(model, prompts, context)
+        save_state(
+            out / "heads.safetensors",
+            heads,
+            {
+                "suite": "offline",
+                "role": "heads",
+                "kind": "zero-shot text heads of the mini-CLIP (mean of normalised prompt embeddings)",
+                "classnames": {t: list(sources[t].classnames) for t in tasks},
+                "prompts": prompts,
+            },
+        )
+
+    heads_u = cache.unit(
+        "offline_heads",
+        {"code": CODE_VERSIONS["text_heads"], "pretrained": pretrained_u.key, "prompts": prompts},
+        make_heads,
+    )
+    return pretrained_u, heads_u
 
 
 def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
@@ -167,79 +363,15 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         )
 
     def split(task: str, name: str) -> tuple[np.ndarray, np.ndarray]:
-        d = images_u[task].path / name
-        return np.load(d / "images.npy"), np.load(d / "labels.npy")
+        return _split(images_u[task], name)
 
-    # ---------------------------------------------------------------- pretrained encoder
-    def make_pretrained(out):
-        pools = [split(t, "train")[0] for t in tasks]
-        state, stats = offline_train.pretrain(
-            model_config, pools, cfg.pretrain, mean, std, progress=progress
-        )
-        write_model_config(out, model_config)
-        save_state(
-            out / "pretrained.safetensors",
-            state,
-            {
-                "suite": "offline",
-                "role": "pretrained",
-                "model_config": model_config,
-                "pretrain": _plain(cfg.pretrain),
-                "tasks": tasks,
-                "stats": stats,
-            },
-        )
-        return stats
-
-    pretrained_u = cache.unit(
-        "offline_pretrained",
-        {
-            "code": CODE_VERSIONS["pretrained"],
-            "model_config": model_config,
-            "pretrain": _plain(cfg.pretrain),
-            "mean": mean,
-            "std": std,
-            "images": [images_u[t].key for t in tasks],
-        },
-        make_pretrained,
-    )
-
-    # ---------------------------------------------------------------- frozen heads
     classnames = {t: list(offline_data.SOURCES[t].classnames) for t in tasks}
-
-    def make_heads(out):
-        from ..suite import build_visual
-
-        visual = build_visual(model_config)
-        visual.load_state_dict(_load_safetensors(pretrained_u, "pretrained.safetensors"))
-        heads = {}
-        for t in tasks:
-            x, y = split(t, "train")
-            feats = offline_train.encode(visual, x, mean, std)
-            heads[t] = offline_train.class_prototypes(
-                feats, torch.from_numpy(y), len(classnames[t])
-            )
-        save_state(
-            out / "heads.safetensors",
-            heads,
-            {
-                "suite": "offline",
-                "role": "heads",
-                "kind": "class prototypes of the pretrained encoder on the train split",
-                "classnames": classnames,
-            },
+    if cfg.pretrain.get("method", "simclr") == "clip":
+        pretrained_u, heads_u = _mini_clip_units(
+            cfg, cache, tasks, images_u, model_config, progress
         )
-
-    heads_u = cache.unit(
-        "offline_heads",
-        {
-            "code": CODE_VERSIONS["heads"],
-            "pretrained": pretrained_u.key,
-            "images": {t: images_u[t].key for t in tasks},
-            "classnames": classnames,
-        },
-        make_heads,
-    )
+    else:
+        pretrained_u, heads_u = _simclr_units(cfg, cache, tasks, images_u, model_config, progress)
 
     # ---------------------------------------------------------------- experts
     expert_u: dict[str, Unit] = {}

@@ -37,8 +37,12 @@ from ..suite import build_visual, normalize_images
 
 
 def clip_kwargs(model_cfg) -> dict[str, Any]:
-    """open_clip.CLIP kwargs of the suite's ViT (the text tower is tiny and unused)."""
+    """open_clip.CLIP kwargs of the suite's model. ``text.vocab_size: null`` means the mini-CLIP
+    word vocabulary (:mod:`.offline_text`); the SimCLR suite's text tower is tiny and unused."""
+    from . import offline_text
+
     v, t = model_cfg.vision, model_cfg.text
+    vocab = offline_text.vocab_size() if t.vocab_size is None else int(t.vocab_size)
     return {
         "embed_dim": int(model_cfg.embed_dim),
         "vision_cfg": {
@@ -51,7 +55,7 @@ def clip_kwargs(model_cfg) -> dict[str, Any]:
         },
         "text_cfg": {
             "context_length": int(t.context_length),
-            "vocab_size": int(t.vocab_size),
+            "vocab_size": vocab,
             "width": int(t.width),
             "heads": int(t.heads),
             "layers": int(t.layers),
@@ -63,8 +67,8 @@ def clip_kwargs(model_cfg) -> dict[str, Any]:
 def augment(x: torch.Tensor, gen: torch.Generator, aug) -> torch.Tensor:
     """Random affine (rotation, scale, shift) and brightness/contrast jitter, batched.
 
-    ``x`` is float in [0, 1], (N, C, H, W); the border fills with 0 (the black background
-    of the silhouettes and digits). Returns a new tensor in [0, 1].
+    ``x`` is float in [0, 1], (N, C, H, W); the border fills with 0 (black). Returns a new
+    tensor in [0, 1].
     """
     n = x.shape[0]
 
@@ -91,8 +95,8 @@ def augment(x: torch.Tensor, gen: torch.Generator, aug) -> torch.Tensor:
 
 
 def _to_input(x01: torch.Tensor, mean, std) -> torch.Tensor:
-    """[0, 1] greyscale (N, 1, H, W) -> normalised 3-channel model input."""
-    return normalize_images(x01.expand(-1, 3, -1, -1).mul(255.0), mean, std)
+    """[0, 1] images (N, 3, H, W) -> normalised model input."""
+    return normalize_images(x01.mul(255.0), mean, std)
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -109,9 +113,9 @@ def _optimizer(params, cfg) -> torch.optim.Optimizer:
     )
 
 
-def _grey(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 3, H, W) grey-replicated -> float [0, 1] (N, 1, H, W)."""
-    return torch.from_numpy(np.ascontiguousarray(images[:, :1])).float().div_(255.0)
+def _unit(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float [0, 1] (N, 3, H, W)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -137,7 +141,7 @@ def pretrain(
     torch.manual_seed(int(cfg.seed))
     visual = build_visual(model_config).train()
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    data = [_grey(p) for p in pools]
+    data = [_unit(p) for p in pools]
     sizes = torch.tensor([len(d) for d in data])
     flat = torch.cat(data)
     offsets = torch.cumsum(sizes, 0) - sizes
@@ -163,6 +167,84 @@ def pretrain(
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return _state(visual), {"loss_first": losses[0], "loss_last_10": float(np.mean(losses[-10:]))}
+
+
+def pretrain_clip(
+    model_config: dict[str, Any],
+    pools: list[np.ndarray],
+    tokens: list[torch.Tensor],
+    cfg,
+    mean,
+    std,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Contrastive image-caption pretraining of both towers (CLIP's symmetric InfoNCE).
+
+    ``pools[t]`` uint8 (N_t, 3, H, W) images and ``tokens[t]`` (N_t, L) their caption ids;
+    batches are drawn task-balanced. Loss: mean of the image->text and text->image cross
+    entropies of ``exp(s) * normalize(f(x)) @ normalize(g(y))^T`` with CLIP's learnable
+    temperature s (clamped at log 100). Returns (whole CLIP state dict, stats).
+    """
+    from ..suite import build_clip
+
+    torch.manual_seed(int(cfg.seed))
+    model = build_clip(model_config).train()
+    gen = torch.Generator().manual_seed(int(cfg.seed))
+    data = [_unit(p) for p in pools]
+    sizes = torch.tensor([len(d) for d in data])
+    flat, flat_tokens = torch.cat(data), torch.cat(tokens)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    opt = _optimizer(model.parameters(), cfg)
+    steps, bs = int(cfg.steps), int(cfg.batch_size)
+    target = torch.arange(bs)
+    losses = []
+    bar = tqdm(range(steps), desc="offline suite: pretraining mini-CLIP", disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
+        task = torch.randint(len(data), (bs,), generator=gen)
+        idx = offsets[task] + (torch.rand(bs, generator=gen) * sizes[task]).long()
+        x = flat[idx]
+        if cfg.augment is not None:
+            x = augment(x, gen, cfg.augment)
+        img = model.encode_image(_to_input(x, mean, std), normalize=True)
+        txt = model.encode_text(flat_tokens[idx], normalize=True)
+        logits = model.logit_scale.exp() * img @ txt.T
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100.0))
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    stats = {
+        "loss_first": losses[0],
+        "loss_last_10": float(np.mean(losses[-10:])),
+        "logit_scale": float(model.logit_scale.detach().exp()),
+    }
+    return _state(model), stats
+
+
+@torch.no_grad()
+def text_heads(
+    model: torch.nn.Module, prompts: dict[str, list[list[str]]], context_length: int
+) -> dict[str, torch.Tensor]:
+    """CLIP zero-shot heads: ``prompts[task][c]`` the prompts of class c; per class the mean
+    of the L2-normalised text embeddings, L2-normalised again -> (C, D) per task."""
+    from .offline_text import tokenize
+
+    model.eval()
+    heads = {}
+    for task, per_class in prompts.items():
+        rows = [
+            F.normalize(model.encode_text(tokenize(p, context_length)), dim=-1).mean(0)
+            for p in per_class
+        ]
+        heads[task] = F.normalize(torch.stack(rows), dim=-1)
+    return heads
 
 
 def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -215,7 +297,7 @@ def finetune(
     visual.train()
     head = head.detach().clone().requires_grad_(False)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    x_all = _grey(images)
+    x_all = _unit(images)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     n = len(y_all)
     opt = _optimizer(visual.parameters(), cfg)

@@ -1,0 +1,189 @@
+"""The regime of a suite, measured before any method: pure numpy, features are (n, D) rows.
+
+- ``effective_dimension``: how many of the D embedding dimensions a set of features uses.
+  Spectrum: the eigenvalues l_1 >= ... >= l_D of the covariance (1/n) X_c^T X_c of the
+  **centred** features X_c = X - mean(X) (``centered=False``: the uncentred second moment
+  (1/n) X^T X, where the shared mean direction counts as one more dimension). The 1/n
+  cancels in both measures:
+  * participation ratio PR = (sum_i l_i)^2 / sum_i l_i^2, in [1, rank]: D for isotropic
+    features, 1 when one direction holds everything;
+  * the energy dimension k_E: the smallest k with l_1 + ... + l_k >= E (l_1 + ... + l_D),
+    E = 0.9 by default ("the number of dimensions holding 90% of the energy").
+- ``principal_subspace`` / ``subspace_overlap`` / ``pairwise_overlaps``: a task's feature
+  subspace is the span of its top-k principal directions (centred, as above), k = that
+  task's 90%-energy dimension. The overlap of two subspaces with orthonormal bases A
+  (D x k_a) and B (D x k_b) is the mean squared cosine of their min(k_a, k_b) principal
+  angles, ||A^T B||_F^2 / min(k_a, k_b), in [0, 1]: 1 when the smaller subspace lies inside
+  the larger, 0 when they are orthogonal. Two independent uniformly random subspaces give
+  max(k_a, k_b) / D on average (``chance_overlap``), the level to read an overlap against.
+- ``gain_share``: how much of the experts' gain over zero-shot a merge keeps,
+  (merge - zeroshot) / (expert - zeroshot), per task and for the task averages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "EffectiveDimension",
+    "GainShare",
+    "SubspaceOverlaps",
+    "chance_overlap",
+    "covariance_spectrum",
+    "effective_dimension",
+    "energy_dimension",
+    "gain_share",
+    "pairwise_overlaps",
+    "principal_subspace",
+    "subspace_overlap",
+]
+
+
+def _features(x, what: str = "features") -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2 or a.shape[1] < 1:
+        raise ValueError(f"{what} must be an (n, D) array with n >= 2 samples, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{what} has non-finite values")
+    return a
+
+
+def _centre(x: np.ndarray, centered: bool) -> np.ndarray:
+    return x - x.mean(axis=0, keepdims=True) if centered else x
+
+
+def covariance_spectrum(features, centered: bool = True, weights=None) -> np.ndarray:
+    """Eigenvalues (descending, length min(n, D)) of (1/n) X^T X of the (centred) features.
+
+    ``weights`` (n,), >= 0: the weighted form X^T diag(w) X with w scaled to sum to 1, centred
+    on the weighted mean (e.g. 1 / n_t for the rows of task t: every task counts equally).
+    """
+    x = _features(features)
+    if weights is None:
+        w = np.full(len(x), 1.0 / len(x))
+    else:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(x),) or (w < 0).any() or not w.sum() > 0:
+            raise ValueError(f"weights must be {len(x)} non-negative numbers, not all 0")
+        w = w / w.sum()
+    if centered:
+        x = x - w @ x
+    s = np.linalg.svd(np.sqrt(w)[:, None] * x, compute_uv=False)
+    return s**2
+
+
+def energy_dimension(eigenvalues, energy: float = 0.9) -> int:
+    """Smallest k whose k largest eigenvalues hold at least ``energy`` of their sum."""
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be a fraction in (0, 1], got {energy}")
+    lam = np.sort(np.clip(np.asarray(eigenvalues, dtype=np.float64), 0, None))[::-1]
+    total = lam.sum()
+    if not total > 0:
+        raise ValueError("the features have zero variance: no dimension holds any energy")
+    # the relative tolerance keeps an exact split (e.g. 9 of 10 equal eigenvalues at 0.9)
+    # from being pushed one dimension up by rounding in the cumulative sum
+    k = int(np.searchsorted(np.cumsum(lam) / total, energy - 1e-12)) + 1
+    return min(k, len(lam))
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectiveDimension:
+    participation_ratio: float
+    energy_dim: int  # dimensions holding ``energy`` of the total
+    energy: float
+    centered: bool
+    n: int
+    D: int
+
+
+def effective_dimension(
+    features, energy: float = 0.9, centered: bool = True, weights=None
+) -> EffectiveDimension:
+    """Participation ratio and ``energy`` dimension of ``features`` (n, D) (module docstring;
+    ``weights`` as in ``covariance_spectrum``)."""
+    x = _features(features)
+    lam = covariance_spectrum(x, centered, weights)
+    if not lam.sum() > 0:
+        raise ValueError("the features have zero variance: their effective dimension is undefined")
+    pr = float(lam.sum() ** 2 / (lam**2).sum())
+    return EffectiveDimension(pr, energy_dimension(lam, energy), energy, centered, *x.shape)
+
+
+def principal_subspace(features, k: int, centered: bool = True) -> np.ndarray:
+    """(D, k) orthonormal basis of the top-k principal directions of ``features``."""
+    x = _centre(_features(features), centered)
+    if not 1 <= k <= min(x.shape):
+        raise ValueError(f"k must be in [1, min(n, D) = {min(x.shape)}], got {k}")
+    return np.linalg.svd(x, full_matrices=False)[2][:k].T
+
+
+def subspace_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean squared cosine of the principal angles between span(a) and span(b).
+
+    ``a`` (D, k_a), ``b`` (D, k_b): orthonormal columns. = ||a^T b||_F^2 / min(k_a, k_b).
+    """
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise ValueError(f"bases must be (D, k) with one D, got {a.shape} and {b.shape}")
+    return float(np.sum((a.T @ b) ** 2) / min(a.shape[1], b.shape[1]))
+
+
+def chance_overlap(k_a: int, k_b: int, D: int) -> float:
+    """Expected ``subspace_overlap`` of independent uniformly random k_a- and k_b-dim subspaces
+    of R^D: E||A^T B||_F^2 = k_a k_b / D, divided by min(k_a, k_b)."""
+    return max(k_a, k_b) / D
+
+
+@dataclasses.dataclass(frozen=True)
+class SubspaceOverlaps:
+    overlap: np.ndarray  # (T, T), symmetric, 1 on the diagonal
+    chance: np.ndarray  # (T, T) ``chance_overlap`` of each pair's dimensions
+    dims: list[int]  # each task's subspace dimension k_t (its ``energy`` dimension)
+    energy: float
+
+
+def pairwise_overlaps(
+    features: Sequence, energy: float = 0.9, centered: bool = True
+) -> SubspaceOverlaps:
+    """Overlaps of every pair of tasks' top-k_t principal subspaces, k_t = the task's
+    ``energy`` dimension; ``features``: one (n_t, D) array per task."""
+    feats = [_features(f, f"features of task {i}") for i, f in enumerate(features)]
+    if len({f.shape[1] for f in feats}) != 1:
+        raise ValueError(f"tasks' features differ in D: {[f.shape[1] for f in feats]}")
+    D = feats[0].shape[1]
+    dims = [energy_dimension(covariance_spectrum(f, centered), energy) for f in feats]
+    bases = [principal_subspace(f, k, centered) for f, k in zip(feats, dims, strict=True)]
+    T = len(feats)
+    overlap = np.array([[subspace_overlap(bases[i], bases[j]) for j in range(T)] for i in range(T)])
+    chance = np.array([[chance_overlap(dims[i], dims[j], D) for j in range(T)] for i in range(T)])
+    return SubspaceOverlaps(overlap, chance, dims, energy)
+
+
+@dataclasses.dataclass(frozen=True)
+class GainShare:
+    per_task: np.ndarray  # (merge_t - zeroshot_t) / (expert_t - zeroshot_t); NaN where equal
+    average: float  # the same ratio of the task averages (the paper's (69.1-48.0)/(90.5-48.0))
+
+
+def gain_share(merged, zeroshot, expert) -> GainShare:
+    """Share of the experts' gain over zero-shot that a merge keeps (per task, of averages).
+
+    The average is the ratio of the averages, not the mean of the per-task ratios (a task
+    whose expert barely beats zero-shot would otherwise dominate it); a task whose expert
+    equals zero-shot has no gain to keep (NaN).
+    """
+    m, z, e = (np.asarray(v, dtype=np.float64) for v in (merged, zeroshot, expert))
+    if not m.shape == z.shape == e.shape or m.ndim != 1 or m.size == 0:
+        raise ValueError(
+            f"merged, zeroshot and expert must be equal-length 1-D accuracy arrays, got "
+            f"{m.shape}, {z.shape}, {e.shape}"
+        )
+    gain = e - z
+    per_task = np.divide(m - z, gain, out=np.full_like(gain, np.nan), where=gain != 0)
+    avg_gain = e.mean() - z.mean()
+    average = float((m.mean() - z.mean()) / avg_gain) if avg_gain != 0 else float("nan")
+    return GainShare(per_task, average)
