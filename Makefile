@@ -25,7 +25,7 @@ SCRIPT_ARGS = suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) $(ARGS)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare diagnostics bounds time-targets
+        ablation-aggregation tsne compare diagnostics bounds docs-figures time-targets
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -86,13 +86,21 @@ tsne: venv
 	$(PY) scripts/tsne.py $(SCRIPT_ARGS)
 compare: venv
 	$(RUN) experiment=compare $(HARGS)
+
+# every README figure, regenerated into docs/figures (the runs above, then a copy of the
+# newest complete outputs: scripts/docs_figures.py names any figure it could not find)
+docs-figures: venv
+	$(MAKE) compare tsne ablation-beta ablation-data ablation-aggregation
+	$(MAKE) fig-cost ARGS="methods=[react,pref_ta,pareto_merging,map] num_threads=1 $(ARGS)"
+	$(PY) scripts/docs_figures.py
+
 # the suite's regime (zero-shot, experts, TA / TIES / AdaMerging, feature geometry, paper
 # targets), no ReACT or baseline result; ARGS="--fast" for 100 AdaMerging steps
 diagnostics: venv
-	$(PY) scripts/suite_diagnostics.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+	$(PY) scripts/suite_diagnostics.py $(SCRIPT_ARGS)
 # oracle reference rows: ReACT on the whole test set, best linear maps trained with labels
 bounds: venv
-	$(PY) scripts/linear_bounds.py suite=$(SUITE) backbone=$(BACKBONE) $(ARGS)
+	$(PY) scripts/linear_bounds.py $(SCRIPT_ARGS)
 
 # every paper target at full and FAST=1 settings, timed (TIME_ARGS="--targets compare ...");
 # a markdown table in outputs/time_targets.md

@@ -27,22 +27,20 @@ from . import map as map_lib
 from . import pareto_merging as pm
 from . import surgery as surgery_lib
 
-CODE_VERSION = 1  # bump when a baseline changes its numbers
-
 
 def _cfg(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
-def _calibrated_material(ctx: Context, cfg, **extra) -> dict:
+def _calibrated_material(ctx: Context, method: Method, **extra) -> dict:
     """Cache-key material of an offline stage trained on the base merge's calibration data."""
     return {
         "merged": ctx.merged.key,
         "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
         "split": calibration_split(ctx.cfg.calibration.source),
-        "cfg": _cfg(cfg),
+        "cfg": _cfg(method.cfg),
         **extra,
-        "version": CODE_VERSION,
+        "code": method.code_version(),
     }
 
 
@@ -50,13 +48,14 @@ class ParetoMerging(Method):
     """Base merge + preference-conditioned low-rank updates (``baselines.pareto_merging``)."""
 
     name = "pareto_merging"
+    code = ("baselines.pareto_merging", "baselines.methods", "merging.adamerging")
 
     def fit(self, ctx: Context) -> None:
         t0 = time.perf_counter()
         c = self.cfg
         split = calibration_split(ctx.cfg.calibration.source)
         # training is not bit-equal across devices
-        material = _calibrated_material(ctx, c, device_type=ctx.device.type)
+        material = _calibrated_material(ctx, self, device_type=ctx.device.type)
         dev, suite = ctx.device, ctx.suite
 
         def compute(out: Path):
@@ -103,12 +102,18 @@ class MAP(Method):
     """Quadratic surrogates of Task Arithmetic scalings + NSGA-III front (``baselines.map``)."""
 
     name = "map"
+    code = ("baselines.map", "baselines.methods", "merging.task_arithmetic", "merging._checks")
     SAMPLE_LABEL = "map (val samples)"
 
     def fit(self, ctx: Context) -> None:
         t0 = time.perf_counter()
         c = self.cfg
-        material = {"suite": ctx.suite.key, "split": "val", "cfg": _cfg(c), "version": CODE_VERSION}
+        material = {
+            "suite": ctx.suite.key,
+            "split": "val",
+            "cfg": _cfg(c),
+            "code": self.code_version(),
+        }
         before = ctx.forward_passes.get(self.SAMPLE_LABEL, 0)
 
         def compute(out: Path):
@@ -174,13 +179,14 @@ class Surgery(Method):
     every preference row gets the per-task corrected accuracy."""
 
     name = "surgery"
+    code = ("baselines.surgery", "baselines.methods")
     controllable = False
 
     def fit(self, ctx: Context) -> None:
         t0 = time.perf_counter()
         c = self.cfg
         split = calibration_split(ctx.cfg.calibration.source)
-        material = _calibrated_material(ctx, c, experts=ctx.suite.key)
+        material = _calibrated_material(ctx, self, experts=ctx.suite.key)
 
         def compute(out: Path):
             adapters, first, last = [], [], []

@@ -17,6 +17,12 @@ back to the OS and the baseline RSS stays honest.
 
     .venv/bin/python bench/bench_merging.py                 # both parts, 8 experts, 1 thread
     .venv/bin/python bench/bench_merging.py --part merges --experts 8 --threads 2
+    .venv/bin/python bench/bench_merging.py --part fusionbench --fusionbench-python /tmp/fb/bin/python
+
+Part "fusionbench" (run on demand, not in "all"): this project's Task Arithmetic, weight
+averaging and TIES against FusionBench's own algorithms (bench/fusionbench_side.py, run by
+the interpreter of a venv with fusion-bench) on the same state dicts: time, memory, and how
+many entries differ (TIES with the default conventions, and with each paper-literal option).
 """
 
 from __future__ import annotations
@@ -137,17 +143,20 @@ def plain_average(experts):
 
 
 def reference_ties(pre, experts, scale, density):
-    """Straightforward TIES (sum): (T, N) matrix of task vectors, kthvalue per row."""
+    """Straightforward TIES (sum), the original code's conventions: (T, N) matrix of task
+    vectors, kthvalue per row (int(density N) + 1 kept), elected sign with exact zeros
+    replaced by the majority sign, disjoint sum, unflatten."""
     keys = list(pre)
     flat_pre = torch.cat([pre[k].reshape(-1) for k in keys])
     tv = torch.stack([torch.cat([e[k].reshape(-1) for k in keys]) - flat_pre for e in experts])
     n = tv.shape[1]
-    k = min(n, max(1, round(density * n)))
+    k = min(n, int(density * n) + 1)
     kth = torch.stack([row.abs().kthvalue(n - k + 1).values for row in tv])
     trimmed = tv * (tv.abs() >= kth[:, None])
     del tv
     sign = trimmed.sum(dim=0).sign()
-    merged = (trimmed * ((trimmed * sign) > 0)).sum(dim=0)
+    sign[sign == 0] = sign.sum().sign()
+    merged = (trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)).sum(dim=0)
     del trimmed
     flat = flat_pre + scale * merged
     out, i = {}, 0
@@ -158,20 +167,28 @@ def reference_ties(pre, experts, scale, density):
     return out
 
 
+def vit_b32_states(n_experts: int, layers: int = 12, seed: int = 0):
+    """The open_clip ViT-B/32 image tower's state dict (random weights; its first ``layers``
+    residual blocks) and ``n_experts`` experts = pretrained + 0.01 * N(0, 1), fp32."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    drop = tuple(f"transformer.resblocks.{i}." for i in range(layers, 12))
+    pre = {k: v.detach().clone() for k, v in visual.state_dict().items() if not k.startswith(drop)}
+    del visual
+    experts = [
+        {k: v + 0.01 * torch.randn_like(v) for k, v in pre.items()} for _ in range(n_experts)
+    ]
+    return pre, experts
+
+
 # ----------------------------------------------------------------------------- part 1
 
 
 def bench_merges(n_experts: int, reference: bool) -> list[str]:
-    import open_clip
-
-    torch.manual_seed(0)
-    visual = open_clip.create_model("ViT-B-32", pretrained=None).visual
-    pre = {k: v.detach().clone() for k, v in visual.state_dict().items()}
-    del visual
+    pre, experts = vit_b32_states(n_experts)
     n_params = sum(v.numel() for v in pre.values())
-    experts = [
-        {k: v + 0.01 * torch.randn_like(v) for k, v in pre.items()} for _ in range(n_experts)
-    ]
     expert_bytes = size_bytes(pre) * n_experts
     _trim()
     rows: dict[str, list] = {}
@@ -250,6 +267,94 @@ def bench_merges(n_experts: int, reference: bool) -> list[str]:
             f"extra memory x{a[2] / b[2]:.2f}, whole-process peak x{a[3] / b[3]:.2f}; "
             f"max |difference| {ties_diff:.1e}."
         )
+    return lines
+
+
+# ----------------------------------------------------------------------------- part 3
+
+
+def bench_fusionbench(n_experts: int, layers: int, python: str, threads: int) -> list[str]:
+    """This project's merges against FusionBench's algorithms (``bench/fusionbench_side.py``,
+    run by FusionBench's own interpreter) on the same state dicts. The experts are shaped as
+    FusionBench's hub experts (CLIPVisionModel: no projection): FusionBench gets the towers
+    without ``proj``; this project gets them with the pretrained ``proj`` filled in, as its
+    loaders do, so TIES must skip it (no task vector) to agree."""
+    import json
+    import subprocess
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    pre, experts = vit_b32_states(n_experts, layers)
+    for e in experts:
+        e["proj"] = pre["proj"].clone()
+    n_params = sum(v.numel() for k, v in pre.items() if k != "proj")
+    ours = {
+        "task_arithmetic": lambda: merging.task_arithmetic(pre, experts, 0.3),
+        "simple_average": lambda: merging.weight_average(experts),
+        "ties": lambda: merging.ties(pre, experts, 0.3, 0.2, "sum"),
+    }
+    names = {
+        "task_arithmetic": "Task Arithmetic (0.3)",
+        "simple_average": "weight averaging",
+        "ties": "TIES (sum, density 0.2, 0.3)",
+    }
+    lines = [
+        f"ViT-B/32 image tower with its first {layers} of 12 residual blocks, "
+        f"{n_params / 1e6:.1f}M parameters per model without the projection, {n_experts} experts "
+        f"= pretrained + 0.01 * N(0, 1), fp32, {threads} torch thread(s) on both sides; "
+        f"FusionBench: `{python}` (its TaskArithmetic / SimpleAverage / TiesMerging algorithms, "
+        "config defaults); each merge runs once in a fresh process (FusionBench) or in this "
+        "process (ours); memory = peak RSS above the RSS before the call.",
+        "",
+        "| merge | FusionBench s | ours s | speed-up | FusionBench extra GB | ours extra GB | "
+        "entries differing | max abs difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    with tempfile.TemporaryDirectory(prefix="fusionbench_side_") as tmp:
+        tmp = Path(tmp)
+        (tmp / "in").mkdir()
+        (tmp / "out").mkdir()
+        hub = lambda sd: {k: v for k, v in sd.items() if k != "proj"}  # noqa: E731
+        save_file(hub(pre), str(tmp / "in" / "pretrained.safetensors"))
+        for k, e in enumerate(experts):
+            save_file(hub(e), str(tmp / "in" / f"expert_{k:02d}.safetensors"))
+        side = str(ROOT / "bench" / "fusionbench_side.py")
+        for method, fn in ours.items():
+            proc = subprocess.run(
+                [python, side, str(tmp / "in"), str(tmp / "out"), method],
+                env=env, capture_output=True, text=True,
+            )  # fmt: skip
+            if proc.returncode != 0:
+                lines.append(f"| {names[method]} | failed: {proc.stderr.strip()[-300:]} |")
+                continue
+            fb = json.loads((tmp / "out" / f"{method}.json").read_text())
+            fb_state = load_file(str(tmp / "out" / f"{method}.safetensors"))
+            out, sec, extra, _ = measure(fn)
+            differing = sum(int((out[k] != fb_state[k]).sum()) for k in fb_state)
+            lines.append(
+                f"| {names[method]} | {fb['seconds']:.2f} | {sec:.2f} | "
+                f"{fb['seconds'] / sec:.1f}x | {fb['extra_peak_bytes'] / GB:.2f} | "
+                f"{extra / GB:.2f} | {differing:,} | {max_abs_diff(hub(out), fb_state):.1e} |"
+            )
+            if method != "simple_average":  # no task vector: the pretrained projection
+                assert torch.equal(out["proj"], pre["proj"])
+            if method == "ties":
+                ties_fb = fb_state
+            del out, fb_state
+    if "ties_fb" in locals():
+        total = n_params
+        for label, rules in (
+            ("keep_rule=round (round(0.2 N) kept)", {"keep_rule": "round"}),
+            ("zero_sign=zero (exact cancellations get 0)", {"zero_sign": "zero"}),
+        ):
+            out = merging.ties(pre, experts, 0.3, 0.2, "sum", **rules)
+            differing = sum(int((out[k] != ties_fb[k]).sum()) for k in ties_fb)
+            lines.append(
+                f"| TIES, {label} | | | | | | {differing:,} of {total:,} | "
+                f"{max_abs_diff(hub(out), ties_fb):.1e} |"
+            )
     return lines
 
 
@@ -352,7 +457,15 @@ def bench_learned(n_experts: int, repeats: int = 3) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["merges", "learned", "all"], default="all")
+    ap.add_argument("--part", choices=["merges", "learned", "fusionbench", "all"], default="all")
+    ap.add_argument(
+        "--fusionbench-python",
+        help="interpreter of a venv with fusion-bench installed (part fusionbench; not in "
+        "'all'): python3 -m venv /tmp/fb && /tmp/fb/bin/pip install torch==2.13.0 fusion-bench",
+    )
+    ap.add_argument(
+        "--layers", type=int, default=12, help="residual blocks kept (part fusionbench)"
+    )
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--no-reference", action="store_true", help="skip the reference TIES (~10 GB)")
     ap.add_argument(
@@ -370,6 +483,11 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.part in ("merges", "all"):
         print("\n".join(bench_merges(args.experts, not args.no_reference)), "\n", flush=True)
+    if args.part == "fusionbench":
+        if not args.fusionbench_python:
+            ap.error("--part fusionbench needs --fusionbench-python PATH")
+        lines = bench_fusionbench(args.experts, args.layers, args.fusionbench_python, args.threads)
+        print("\n".join(lines), "\n", flush=True)
     if args.part in ("learned", "all"):
         print("\n".join(bench_learned(args.experts)), "\n", flush=True)
     print(f"total benchmark time {time.perf_counter() - t0:.0f} s")

@@ -35,7 +35,9 @@ from matplotlib.ticker import FormatStrFormatter, MaxNLocator
 from matplotlib.tri import Triangulation
 
 __all__ = [
+    "METHOD_NAMES",
     "cost_figure",
+    "display_name",
     "pairwise_fronts_figure",
     "pairwise_set_name",
     "plot_cost",
@@ -43,7 +45,10 @@ __all__ = [
     "plot_scenario_bars",
     "plot_simplex_maps",
     "scenario_bars_figure",
+    "simplex_limits",
     "simplex_maps_figure",
+    "plot_sweep",
+    "sweep_figure",
 ]
 
 RESULTS_COLUMNS = ("method", "pref_set", "pref_id", "task", "accuracy", "normalized_accuracy")
@@ -69,6 +74,20 @@ _REF_COLOURS = ("0.35", "tab:brown", "tab:pink", "tab:olive", "0.6", "tab:cyan",
 
 
 # ----------------------------------------------------------------------------- helpers
+METHOD_NAMES = {
+    "react": "ReACT",
+    "pref_ta": "preference-weighted TA",
+    "pareto_merging": "Pareto Merging",
+    "map": "MAP",
+    "surgery": "Representation Surgery",
+}
+
+
+def display_name(method: str) -> str:
+    """The name legends show for a method id (``pref_ta`` -> "preference-weighted TA")."""
+    return METHOD_NAMES.get(str(method), str(method))
+
+
 def pairwise_set_name(a: str, b: str) -> str:
     """Name of the pairwise sweep between tasks a and b in ``results.pref_set``."""
     return f"pairwise:{a}|{b}"
@@ -233,7 +252,9 @@ def pairwise_fronts_figure(
                     )
                 order = w.loc[wide.index].sort_values(kind="stable").index
                 x, y = 100 * wide.loc[order, a].to_numpy(), 100 * wide.loc[order, b].to_numpy()
-                (line,) = ax.plot(x, y, "-o", color=colours[method], ms=3.5, lw=1.4, label=method)
+                (line,) = ax.plot(
+                    x, y, "-o", color=colours[method], ms=3.5, lw=1.4, label=display_name(method)
+                )
                 ax.plot(x[-1], y[-1], "s", color=colours[method], ms=7, mec="black", mew=0.8)
                 handles.setdefault(method, line)
             if ref is not None:
@@ -328,11 +349,15 @@ def simplex_maps_figure(
     method: str | None = None,
     pref_set: str = "simplex3",
     metric: str = "accuracy",
+    limits: dict[str, tuple[float, float]] | None = None,
 ) -> Figure:
     """Ternary maps over a 3-task preference simplex: one panel per task of ``tasks3`` with
     that task's metric (%) as colour (filled contours of the triangulated grid, grid points
     as dots), plus a panel with the mean over the three tasks. Each vertex is labelled by
     its task (the preference e_t). ``method`` may be omitted when results hold one method.
+    ``limits``: colour range (%) per panel (task name, or "mean"), e.g. ``simplex_limits``
+    over every method, so that maps of different methods share one scale per task; by
+    default each panel spans its own data.
     """
     _require(results, RESULTS_COLUMNS, "results")
     name = _check_metric(metric)
@@ -368,18 +393,19 @@ def simplex_maps_figure(
     x, y = _ternary_xy(w / total[:, None])
     tri = Triangulation(x, y)
     values = 100 * wide[tasks3].to_numpy(float)
-    panels = [(f"{t} {name}", values[:, i]) for i, t in enumerate(tasks3)]
-    panels.append((f"mean {name} of the 3 tasks", values.mean(axis=1)))
+    panels = [(t, f"{t} {name}", values[:, i]) for i, t in enumerate(tasks3)]
+    panels.append(("mean", f"mean {name} of the 3 tasks", values.mean(axis=1)))
 
     fig = _figure(3.9 * len(panels), 4.5)
     axes = fig.subplots(1, len(panels), squeeze=False).ravel()
     corners = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3) / 2]])
     with mpl.rc_context(STYLE):
-        for ax, (title, z) in zip(axes, panels, strict=True):
-            if np.ptp(z) > 1e-9:
-                mappable = ax.tricontourf(
-                    tri, z, levels=np.linspace(z.min(), z.max(), 13), cmap="viridis"
-                )
+        for ax, (panel, title, z) in zip(axes, panels, strict=True):
+            lo, hi = (limits or {}).get(panel, (z.min(), z.max()))
+            if z.min() < lo - 1e-9 or z.max() > hi + 1e-9:
+                raise ValueError(f"limits for {panel!r} ({lo}, {hi}) do not cover its data")
+            if hi - lo > 1e-9:
+                mappable = ax.tricontourf(tri, z, levels=np.linspace(lo, hi, 13), cmap="viridis")
             else:  # constant colour: contour levels would be degenerate
                 mappable = ax.tripcolor(tri, z, cmap="viridis", shading="gouraud")
             ax.plot(x, y, ".", color="black", ms=2.5, alpha=0.6)
@@ -404,12 +430,39 @@ def simplex_maps_figure(
             ax.set_ylim(-0.2, 1.0)
             ax.axis("off")
             cb = fig.colorbar(mappable, ax=ax, orientation="horizontal", shrink=0.85, pad=0.02)
-            cb.set_ticks(MaxNLocator(5).tick_values(z.min(), z.max()))
+            cb.set_ticks(MaxNLocator(5).tick_values(lo, hi))
             cb.ax.xaxis.set_major_formatter(FormatStrFormatter("%.1f"))
-            cb.ax.set_xlim(z.min(), z.max()) if np.ptp(z) > 1e-9 else None
+            cb.ax.set_xlim(lo, hi) if hi - lo > 1e-9 else None
             cb.set_label(f"{name} (%)")
-        fig.suptitle(f"{method}: {name} (%) over the preference simplex of {', '.join(tasks3)}")
+        fig.suptitle(
+            f"{display_name(method)}: {name} (%) over the preference simplex of {', '.join(tasks3)}"
+            + (
+                "\ncolour scale per task shared by every method's map"
+                if limits
+                else "\ncolour scale per panel: this map's own range"
+            )
+        )
     return fig
+
+
+def simplex_limits(
+    results: pd.DataFrame,
+    tasks3: Sequence[str],
+    pref_set: str = "simplex3",
+    metric: str = "accuracy",
+) -> dict[str, tuple[float, float]]:
+    """Colour range (%) per panel of ``simplex_maps_figure`` over every method in
+    ``results`` that has ``pref_set``: one scale per task shared by all methods' maps."""
+    _require(results, RESULTS_COLUMNS, "results")
+    tasks3 = list(tasks3)
+    sub = results[(results.pref_set == pref_set) & results.task.isin(tasks3)]
+    if sub.empty:
+        raise ValueError(f"results have no rows for pref_set {pref_set!r} and tasks {tasks3}")
+    wide = 100 * sub.pivot_table(index=["method", "pref_id"], columns="task", values=metric)
+    out = {t: (float(wide[t].min()), float(wide[t].max())) for t in tasks3}
+    mean = wide[tasks3].mean(axis=1)
+    out["mean"] = (float(mean.min()), float(mean.max()))
+    return out
 
 
 def plot_simplex_maps(
@@ -421,9 +474,11 @@ def plot_simplex_maps(
     pref_set: str = "simplex3",
     metric: str = "accuracy",
 ) -> list[Path]:
-    """Write ``simplex_<method>_<pref_set>_<metric>.png/.pdf`` (see ``simplex_maps_figure``)."""
+    """Write ``simplex_<method>_<pref_set>_<metric>.png/.pdf`` (see ``simplex_maps_figure``);
+    the colour scale of each task is shared by every method in ``results``."""
+    limits = simplex_limits(results, tasks3, pref_set=pref_set, metric=metric)
     fig = simplex_maps_figure(
-        results, preferences, tasks3, method=method, pref_set=pref_set, metric=metric
+        results, preferences, tasks3, method=method, pref_set=pref_set, metric=metric, limits=limits
     )
     method = method if method is not None else results.method.iloc[0]
     return save_figure(fig, out_dir, f"simplex_{_slug(method)}_{_slug(pref_set)}_{metric}")
@@ -437,8 +492,9 @@ def scenario_bars_figure(
 ) -> Figure:
     """Grouped bars: one group per scenario (equal, priority, one-hot, then any other),
     one bar per method, height ``value`` in % (annotated). ``table`` has one row per
-    (method, scenario). ``reference`` maps labels (e.g. "experts") to values drawn as
-    horizontal dashed lines."""
+    (method, scenario). ``reference`` maps labels (e.g. "merged model", "experts") to
+    values drawn as horizontal dashed lines. The value axis starts near the lowest bar or
+    line (not at 0, said on the axis) so that differences of a point are visible."""
     _require(table, ("method", "scenario", value), "table")
     if table.duplicated(["method", "scenario"]).any():
         raise ValueError(
@@ -460,6 +516,7 @@ def scenario_bars_figure(
     width = 0.8 / len(methods)
     xs = np.arange(len(scenarios))
     top = 100 * np.nanmax(grid.to_numpy(float))
+    low = 100 * np.nanmin(grid.to_numpy(float))
     with mpl.rc_context(STYLE):
         for k, m in enumerate(methods):
             heights = 100 * grid[m].to_numpy(float)
@@ -468,7 +525,7 @@ def scenario_bars_figure(
                 heights,
                 width * 0.95,
                 color=colours[m],
-                label=m,
+                label=display_name(m),
             )
             texts = ax.bar_label(
                 bars,
@@ -487,12 +544,17 @@ def scenario_bars_figure(
                 lw=1.2,
                 label=f"{label} ({100 * v:.1f})",
             )
-            top = max(top, 100 * v)
+            top, low = max(top, 100 * v), min(low, 100 * v)
         ax.set_xticks(xs, [SCENARIO_NAMES.get(s, s) for s in scenarios])
         ax.set_xlabel("preference scenario")
         metric_name = "normalised accuracy" if is_norm else "accuracy"
-        ax.set_ylabel(f"average {metric_name} (%)")
-        ax.set_ylim(0, top * 1.15 if np.isfinite(top) and top > 0 else 100)
+        span = max(top - low, 1.0)
+        step = 5 if span > 10 else 2 if span > 4 else 1
+        bottom = max(0.0, step * math.floor((low - 0.4 * span) / step))
+        ax.set_ylim(bottom, top + 0.25 * span)
+        ax.set_ylabel(
+            f"average {metric_name} (%)" + (f", axis from {bottom:g}" if bottom > 0 else "")
+        )
         ax.grid(axis="x", visible=False)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         ax.set_title(f"Average {metric_name} per preference scenario (%)")
@@ -512,31 +574,136 @@ def plot_scenario_bars(
 
 # ----------------------------------------------------------------------------- cost
 def cost_figure(cost_df: pd.DataFrame) -> Figure:
-    """Offline cost (seconds) against the number of tasks T, one line per method; the y
-    axis is logarithmic when the costs span more than a factor of 30."""
+    """Cost (seconds) against the number of tasks T: one colour per method (display names),
+    one line style per ``phase`` (optional column, default "offline"), and the spread over
+    repeats as a band where ``seconds_min`` / ``seconds_max`` are given. The y axis is
+    logarithmic when the costs span more than a factor of 30; the legend sits outside the
+    axes, so it never hides a line."""
     _require(cost_df, ("method", "n_tasks", "seconds"), "cost_df")
-    secs = cost_df.seconds.to_numpy(float)
+    cols = [c for c in ("seconds", "seconds_min", "seconds_max") if c in cost_df.columns]
+    secs = cost_df[cols].to_numpy(float)
     if not np.all(np.isfinite(secs)) or np.any(secs < 0):
-        raise ValueError("cost_df.seconds must be finite and >= 0")
-    methods = list(dict.fromkeys(cost_df.method))
+        raise ValueError(f"cost_df {cols} must be finite and >= 0")
+    df = cost_df if "phase" in cost_df.columns else cost_df.assign(phase="offline")
+    methods, phases = list(dict.fromkeys(df.method)), list(dict.fromkeys(df.phase))
     colours = _colours(methods)
-    fig = _figure(6.4, 4.4)
+    styles, markers = ("-", "--", ":", "-."), ("o", "s", "^", "D")
+    band = {"seconds_min", "seconds_max"} <= set(df.columns)
+    fig = _figure(8.4, 4.4)
     ax = fig.subplots()
     with mpl.rc_context(STYLE):
         for m in methods:
-            d = cost_df[cost_df.method == m].sort_values("n_tasks")
-            ax.plot(d.n_tasks, d.seconds, "-o", color=colours[m], label=m, ms=5)
+            for k, phase in enumerate(phases):
+                d = df[(df.method == m) & (df.phase == phase)].sort_values("n_tasks")
+                if d.empty:
+                    continue
+                ax.plot(
+                    d.n_tasks,
+                    d.seconds,
+                    ls=styles[k % len(styles)],
+                    marker=markers[k % len(markers)],
+                    color=colours[m],
+                    ms=5,
+                    label=f"{display_name(m)}: {phase}" if len(phases) > 1 else display_name(m),
+                )
+                if band:
+                    ax.fill_between(
+                        d.n_tasks, d.seconds_min, d.seconds_max, color=colours[m], alpha=0.18, lw=0
+                    )
         positive = secs[secs > 0]
         if len(positive) and positive.max() / positive.min() > 30:
             ax.set_yscale("log")
-        ax.set_xticks(sorted(cost_df.n_tasks.unique()))
+        ax.set_xticks(sorted(df.n_tasks.unique()))
         ax.set_xlabel("number of tasks T")
-        ax.set_ylabel("offline cost (s)")
-        ax.set_title("Offline (preference-independent) cost vs number of tasks")
-        ax.legend(frameon=False)
+        ax.set_ylabel("offline cost (s)" if phases == ["offline"] else "seconds")
+        ax.set_title(
+            "Offline (preference-independent) cost vs number of tasks"
+            if phases == ["offline"]
+            else "Cost vs number of tasks"
+        )
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
 def plot_cost(cost_df: pd.DataFrame, out_dir) -> list[Path]:
     """Write ``cost.png/.pdf`` (see ``cost_figure``)."""
     return save_figure(cost_figure(cost_df), out_dir, "cost")
+
+
+# ----------------------------------------------------------------------------- sweeps
+def _sweep_positions(values: Sequence[str]) -> tuple[np.ndarray, list[str], str]:
+    """x positions of the swept values, their labels in order, and the axis scale: numbers
+    in numeric order on a log axis (all positive, spanning 20x or more) or a linear one;
+    values with inf, or not numbers, evenly spaced (scale "even")."""
+    labels = list(dict.fromkeys(values))
+    try:
+        nums = np.array([float(v) for v in labels])
+    except ValueError:
+        return np.arange(len(labels), dtype=float), labels, "even"
+    order = np.argsort(nums, kind="stable")
+    labels, nums = [labels[i] for i in order], nums[order]
+    if not np.all(np.isfinite(nums)):
+        return np.arange(len(labels), dtype=float), labels, "even"
+    if nums.min() > 0 and nums.max() / nums.min() >= 20:
+        return nums, labels, "log"
+    return nums, labels, "linear"
+
+
+def sweep_figure(table: pd.DataFrame, key: str) -> Figure:
+    """Headline numbers against one swept setting (an ablation): left, average accuracy
+    (%) at the equal / priority / one-hot preferences; right, HV@3 and HV@all. One colour
+    per method, one line style per scenario or subset. ``table``: the ``sweep`` table of
+    ``pipeline.collect`` (column ``key`` with the swept values, ``method``, ``equal``,
+    ``priority``, ``one-hot``, optionally ``merged`` (drawn as a reference line) and, for
+    controllable methods, ``HV@3``, ``HV@all``; percent)."""
+    _require(table, (key, "method"), "table")
+    acc_cols = [c for c in ("equal", "priority", "one-hot") if c in table.columns]
+    hv_cols = [c for c in ("HV@3", "HV@all") if c in table.columns and table[c].notna().any()]
+    if not acc_cols:
+        raise ValueError(
+            f"table has none of the columns equal, priority, one-hot: {list(table.columns)}"
+        )
+    x, labels, scale = _sweep_positions(table[key].astype(str).tolist())
+    pos = dict(zip(labels, x, strict=True))
+    methods = list(dict.fromkeys(table.method))
+    colours = _colours(methods)
+    styles = ("-o", "--s", ":^")
+    panels = [("average accuracy (%)", acc_cols)] + (
+        [("hypervolume (x100)", hv_cols)] if hv_cols else []
+    )
+    fig = _figure(4.6 * len(panels) + 2.2, 3.9)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    with mpl.rc_context(STYLE):
+        for ax, (ylabel, cols) in zip(axes, panels, strict=True):
+            for m in methods:
+                d = table[table.method == m].assign(_x=lambda f: f[key].astype(str).map(pos))
+                d = d.sort_values("_x")
+                for col, style in zip(cols, styles, strict=False):
+                    ax.plot(
+                        d._x,
+                        d[col],
+                        style,
+                        color=colours[m],
+                        ms=5,
+                        lw=1.4,
+                        label=f"{display_name(m)}, {col}",
+                    )
+            if cols is acc_cols and "merged" in table.columns:  # the merge alone, for reference
+                d = table.drop_duplicates(key).assign(_x=lambda f: f[key].astype(str).map(pos))
+                d = d.sort_values("_x")
+                ax.plot(d._x, d.merged, ":", color="0.4", lw=1.2, label="merged model alone")
+            if scale == "log":
+                ax.set_xscale("log")
+            ax.set_xticks(x, labels)
+            ax.set_xlabel(
+                key + (" (evenly spaced, not to scale)" if scale == "even" and len(x) > 2 else "")
+            )
+            ax.set_ylabel(ylabel)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+        fig.suptitle(f"Sweep over {key}")
+    return fig
+
+
+def plot_sweep(table: pd.DataFrame, key: str, out_dir) -> list[Path]:
+    """Write ``sweep_<key>.png/.pdf`` (see ``sweep_figure``)."""
+    return save_figure(sweep_figure(table, key), out_dir, f"sweep_{_slug(key)}")

@@ -114,6 +114,8 @@ def adamerging(
     granularity: str = "layer",
     ties: bool = False,
     density: float = 0.2,
+    ties_keep_rule: str = "floor_plus_one",
+    ties_zero_sign: str = "majority",
     steps: int = 500,
     lr: float = 1e-3,
     batch_size: int = 16,
@@ -135,6 +137,8 @@ def adamerging(
     ``unlabeled[t]``: indexable by a LongTensor of indices and with ``len()``;
     ``prepare`` maps a sampled batch to the encoder's input (e.g. uint8 -> normalised
     float on ``device``); without it batches must already be float.
+    ``ties_keep_rule``, ``ties_zero_sign``: the TIES conventions of ``ties_process``
+    (``merging.ties``; defaults: the original TIES code's, as AdaMerging++ used).
     ``coefficients``: skip training and apply these ((T,) / (T, L) tensor, or a result from
     ``load_coefficients``, whose granularity and ties setting must match).
     ``tol``: stop before ``steps`` once the entropy has converged: the mean entropy of the
@@ -157,7 +161,7 @@ def adamerging(
 
     vectors = compute_task_vectors(pretrained, experts)
     if ties:
-        vectors = ties_process(vectors, density)
+        vectors = ties_process(vectors, density, keep_rule=ties_keep_rule, zero_sign=ties_zero_sign)
 
     history: list[float] = []
     if given is None:

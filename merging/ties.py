@@ -1,24 +1,34 @@
 """TIES merging (Yadav et al., 2023): trim, elect sign, disjoint merge.
 
-For task vectors tau_1..tau_T (all float tensors of a model, seen as one flat vector each):
+For task vectors tau_1..tau_T over the tensors that carry a task vector (float tensors where
+at least one expert differs from the pretrained model; a tensor every expert copies from
+the pretrained model, e.g. the projection that FusionBench's CLIPVisionModel experts lack,
+is neither counted nor changed), each seen as one flat vector of N entries:
 
-1. Trim: per task keep the k = round(density * N) entries of largest magnitude over the
-   WHOLE flattened task vector (N entries), zero the rest:
-   trim_k = tau_k * [|tau_k| >= c_k], c_k the k-th largest |tau_k| (entries tied with c_k
-   are all kept, so ties can keep slightly more than k).
+1. Trim: per task keep the k entries of largest magnitude over the WHOLE flattened task
+   vector, zero the rest: trim_k = tau_k * [|tau_k| >= c_k], c_k the k-th largest |tau_k|
+   (entries tied with c_k are all kept, so ties can keep more than k).
+   ``keep_rule="floor_plus_one"`` (default): k = int(density * N) + 1, the original TIES
+   code's count (its threshold is the (N - int(density * N))-th smallest magnitude; also
+   FusionBench's and AdaMerging's, so behind the CLIP merging papers' numbers).
+   ``keep_rule="round"``: k = round(density * N) (at least 1), the paper's "top density".
 2. Elect: per entry, s = sign(sum_k trim_k) (the sign carrying more total mass).
-3. Disjoint merge: per entry, keep only the trimmed values that agree with s
-   (trim_k * s > 0), then
+   An entry whose trimmed values cancel exactly (sum exactly 0; it happens in float32 at
+   ViT-B/32 size) has no sign:
+   ``zero_sign="majority"`` (default, the original code): s = the sign of the sum of all
+   entries' elected signs (the whole model's majority sign; when that is 0 as well, the
+   negative values are taken, as the original code's selection does);
+   ``zero_sign="zero"``: the entry gets 0 (the paper's rule read literally).
+3. Disjoint merge: per entry, keep only the trimmed values with the elected sign, then
       "sum":  m = sum_k kept_k                      (CLIP merging code; lam = 0.3)
       "mean": m = sum_k kept_k / #{k : kept_k != 0}  (TIES paper; lam about 1)
-   An entry where no value agrees (all trimmed values zero, or an exact cancellation
-   s = 0) gets m = 0. (The original TIES code replaces s = 0 by the majority sign of the
-   whole model; for real-valued weights that event has measure zero.)
+   (an entry with no kept value gets 0).
 Result: theta_0 + lam * m.
 
 Memory: the thresholds c_k are found without concatenating the task vector, by an exact
 sample-bracketed selection (see ``kth_largest_magnitude``); the merge then runs tensor by
-tensor, holding T copies of one tensor at a time.
+tensor, holding T copies of one tensor at a time. Entries that cancel exactly are rare: they
+are set aside during that pass and resolved once the model's majority sign is known.
 """
 
 from __future__ import annotations
@@ -40,15 +50,21 @@ from ._checks import (
 )
 
 MERGE_RULES = ("sum", "mean")
+KEEP_RULES = ("floor_plus_one", "round")
+ZERO_SIGN_RULES = ("majority", "zero")
 
 # A "part" of a flat vector: (numel, fn) where fn(None) returns the part's |values| as a
 # flat tensor and fn(idx) returns |values| at the flat positions idx.
 Part = tuple[int, Callable[[torch.Tensor | None], torch.Tensor]]
 
 
-def keep_count(n: int, density: float) -> int:
-    """Number of entries TIES keeps out of n: round(density * n), at least 1."""
-    return min(n, max(1, int(round(density * n))))
+def keep_count(n: int, density: float, rule: str = "floor_plus_one") -> int:
+    """Entries TIES keeps out of n: int(density * n) + 1 ("floor_plus_one", the original
+    code) or round(density * n), at least 1 ("round"); never more than n."""
+    if rule not in KEEP_RULES:
+        raise ValueError(f"keep_rule must be one of {KEEP_RULES}, got {rule!r}")
+    k = int(n * density) + 1 if rule == "floor_plus_one" else max(1, int(round(density * n)))
+    return min(n, k)
 
 
 def kth_largest_magnitude(
@@ -137,44 +153,84 @@ def _difference_parts(expert: StateDict, pretrained: StateDict, keys: Sequence[s
     return [part(expert[key], pretrained[key]) for key in keys]
 
 
-def _check_merge_rule(merge: str) -> None:
-    if merge not in MERGE_RULES:
+def _check_rules(merge: str | None, keep_rule: str, zero_sign: str) -> None:
+    if merge is not None and merge not in MERGE_RULES:
         raise ValueError(f"merge must be one of {MERGE_RULES}, got {merge!r}")
+    if keep_rule not in KEEP_RULES:
+        raise ValueError(f"keep_rule must be one of {KEEP_RULES}, got {keep_rule!r}")
+    if zero_sign not in ZERO_SIGN_RULES:
+        raise ValueError(f"zero_sign must be one of {ZERO_SIGN_RULES}, got {zero_sign!r}")
 
 
-def _trim_elect(taus: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """taus (T, n), thresholds (T,) -> (trimmed (T, n), agree mask (T, n)).
+class _Election:
+    """Sign election over the whole model, one tensor at a time.
 
-    trimmed_k = tau_k * [|tau_k| >= c_k]; agree_k = trimmed_k * sign(sum_j trimmed_j) > 0.
+    ``elect(trimmed)`` returns the elected signs of one tensor's entries (T, n) -> (n,) and
+    the flat positions whose trimmed values cancel exactly (sum 0, some value non-zero);
+    those keep sign 0 until ``majority()``: the sign of the sum of every entry's elected
+    sign (exact integer count), which the ``"majority"`` rule gives them.
     """
-    trimmed = taus * (taus.abs() >= thresholds[:, None])
-    elected = trimmed.sum(dim=0).sign()
-    agree = (trimmed * elected) > 0
-    return trimmed, agree
+
+    def __init__(self) -> None:
+        self.balance = 0
+
+    def elect(self, trimmed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        signs = trimmed.sum(dim=0).sign()
+        self.balance += int(torch.count_nonzero(signs > 0)) - int(torch.count_nonzero(signs < 0))
+        cancelled = torch.nonzero((signs == 0) & (trimmed != 0).any(dim=0)).reshape(-1)
+        return signs, cancelled
+
+    def majority(self) -> int:
+        return (self.balance > 0) - (self.balance < 0)
+
+
+def _agreeing(trimmed: torch.Tensor, sign: int | torch.Tensor) -> torch.Tensor:
+    """Mask of the trimmed values with the elected sign: positive where the sign is > 0,
+    negative where it is < 0 (and, for the majority rule's sign, negative where it is 0)."""
+    return torch.where(torch.as_tensor(sign) > 0, trimmed > 0, trimmed < 0)
+
+
+def _combine(trimmed: torch.Tensor, agree: torch.Tensor, merge: str) -> torch.Tensor:
+    """Disjoint "sum" or "mean" over the agreeing values, (T, n) -> (n,)."""
+    merged = (trimmed * agree).sum(dim=0)
+    if merge == "mean":
+        merged = merged / torch.count_nonzero(agree, dim=0).clamp_(min=1)
+    return merged
 
 
 def _trimmed_disjoint_merge(
-    taus: torch.Tensor, thresholds: torch.Tensor, merge: str
-) -> torch.Tensor:
+    taus: torch.Tensor, thresholds: torch.Tensor, merge: str, election: _Election
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Trim (in place), elect and disjoint-merge one tensor's stacked task vectors (T, n).
 
-    With P = sum of the positive trimmed values and N = sum of the negative ones, the
-    elected sign is sign(P + N) and the agreeing values sum to P (sign +), N (sign -) or
-    nothing (sign 0); "mean" divides by the number of agreeing values. Same result as
-    masking with ``_trim_elect``, with fewer passes over the (T, n) block.
+    Returns (merged, cancelled positions, their trimmed values (T, m)); merged is 0 at the
+    cancelled positions. With P = sum of the positive trimmed values and N = sum of the
+    negative ones, the agreeing values sum to P (sign +), N (sign -) or nothing (sign 0);
+    "mean" divides by the number of agreeing values. Same result as ``_combine`` with
+    ``_agreeing``, with fewer passes over the (T, n) block.
     """
     trimmed = taus.masked_fill_(taus.abs() < thresholds[:, None], 0)
+    signs, cancelled = election.elect(trimmed)
     pos = trimmed.clamp(min=0).sum(dim=0)
     neg = trimmed.clamp(max=0).sum(dim=0)
-    total = pos + neg
     zero = torch.zeros((), dtype=taus.dtype, device=taus.device)
-    merged = torch.where(total > 0, pos, torch.where(total < 0, neg, zero))
+    merged = torch.where(signs > 0, pos, torch.where(signs < 0, neg, zero))
     if merge == "mean":
         n_pos = torch.count_nonzero(trimmed > 0, dim=0)
         n_neg = torch.count_nonzero(trimmed < 0, dim=0)
-        count = torch.where(total > 0, n_pos, torch.where(total < 0, n_neg, 1))
+        count = torch.where(signs > 0, n_pos, torch.where(signs < 0, n_neg, 1))
         merged = merged / count.clamp_(min=1)
-    return merged
+    return merged, cancelled, trimmed[:, cancelled].clone()
+
+
+def carrying_keys(pretrained: StateDict, experts: Sequence[StateDict]) -> list[str]:
+    """Float keys where at least one expert differs from ``pretrained`` (the tensors that
+    carry a task vector), in ``pretrained``'s order."""
+    return [
+        key
+        for key, ref in pretrained.items()
+        if is_float(ref) and any(not torch.equal(e[key], ref) for e in experts)
+    ]
 
 
 def ties(
@@ -183,84 +239,141 @@ def ties(
     scale: float = 0.3,
     density: float = 0.2,
     merge: str = "sum",
+    *,
+    keep_rule: str = "floor_plus_one",
+    zero_sign: str = "majority",
 ) -> dict[str, torch.Tensor]:
     """TIES merge: theta_0 + scale * disjoint_merge(elect(trim(tau_1..tau_T, density))).
 
     ``merge="sum"`` with scale 0.3 is the CLIP merging papers' setting; ``merge="mean"``
-    is the TIES paper's (scale about 1). Non-float tensors are copied from pretrained.
+    is the TIES paper's (scale about 1). ``keep_rule`` and ``zero_sign``: the module
+    docstring (defaults: the original TIES code's conventions). Non-float tensors, and
+    float tensors no expert changes, are copied from pretrained.
     """
     check_pretrained_and_experts(pretrained, experts)
     scale = check_scale(scale, "scale")
     density = check_density(density)
-    _check_merge_rule(merge)
-    keys = [key for key, t in pretrained.items() if is_float(t)]
-    thresholds = _expert_thresholds(pretrained, experts, keys, density)
+    _check_rules(merge, keep_rule, zero_sign)
+    keys = carrying_keys(pretrained, experts)
+    thresholds = _expert_thresholds(pretrained, experts, keys, density, keep_rule)
+    election, pending = _Election(), []
     out: dict[str, torch.Tensor] = {}
     for key, ref in pretrained.items():
-        if not is_float(ref):
+        if key not in keys:
             out[key] = ref.clone()
             continue
         acc = accumulation_dtype(ref.dtype)
         base = ref.reshape(-1).to(acc)
         taus = torch.stack([e[key].reshape(-1).to(acc) for e in experts]).sub_(base)
-        merged = _trimmed_disjoint_merge(taus, thresholds.to(device=taus.device, dtype=acc), merge)
+        thr = thresholds.to(device=taus.device, dtype=acc)
+        merged, cancelled, values = _trimmed_disjoint_merge(taus, thr, merge, election)
         del taus
-        merged = merged.mul_(scale).add_(base)
-        out[key] = merged.reshape(ref.shape).to(ref.dtype)
+        if cancelled.numel():
+            pending.append((key, cancelled, values, base[cancelled]))
+        out[key] = merged.mul_(scale).add_(base).reshape(ref.shape).to(ref.dtype)
+    if zero_sign == "majority":
+        sign = election.majority()
+        for key, idx, values, base in pending:
+            merged = _combine(values, _agreeing(values, sign), merge)
+            out[key].view(-1)[idx] = merged.mul_(scale).add_(base).to(out[key].dtype)
     return out
 
 
 def _expert_thresholds(
-    pretrained: StateDict, experts: Sequence[StateDict], keys: Sequence[str], density: float
+    pretrained: StateDict,
+    experts: Sequence[StateDict],
+    keys: Sequence[str],
+    density: float,
+    keep_rule: str,
 ) -> torch.Tensor:
     if not keys:
-        warnings.warn("ties: no floating-point tensors to merge", stacklevel=3)
+        warnings.warn("ties: no expert differs from pretrained in any float tensor", stacklevel=3)
         return torch.zeros(len(experts), dtype=torch.float64)
     n = sum(pretrained[key].numel() for key in keys)
-    k = keep_count(n, density)
+    k = keep_count(n, density, keep_rule)
     return torch.tensor(
         [kth_largest_magnitude(_difference_parts(e, pretrained, keys), k) for e in experts],
         dtype=torch.float64,
     )
 
 
-def ties_trim(vectors: Sequence[StateDict], density: float = 0.2) -> list[dict[str, torch.Tensor]]:
-    """Step 1 only: each task vector keeps its top round(density * N) magnitudes (global)."""
-    keys = _check_vectors(vectors)
+def _vector_thresholds(
+    vectors: Sequence[StateDict], keys: Sequence[str], density: float, keep_rule: str
+) -> torch.Tensor:
+    if not keys:
+        return torch.zeros(len(vectors), dtype=torch.float64)
+    k = keep_count(sum(vectors[0][key].numel() for key in keys), density, keep_rule)
+    return torch.tensor(
+        [kth_largest_magnitude(_vector_parts(tv, keys), k) for tv in vectors], dtype=torch.float64
+    )
+
+
+def _nonzero_keys(vectors: Sequence[StateDict], keys: Sequence[str]) -> list[str]:
+    return [key for key in keys if any(bool(tv[key].any()) for tv in vectors)]
+
+
+def ties_trim(
+    vectors: Sequence[StateDict], density: float = 0.2, *, keep_rule: str = "floor_plus_one"
+) -> list[dict[str, torch.Tensor]]:
+    """Step 1 only: each task vector keeps its top ``keep_count`` magnitudes (global, over
+    the tensors where some vector is non-zero)."""
+    all_keys = _check_vectors(vectors)
     density = check_density(density)
-    n = sum(vectors[0][key].numel() for key in keys)
-    k = keep_count(n, density)
-    out = []
-    for tv in vectors:
-        c = kth_largest_magnitude(_vector_parts(tv, keys), k)
-        out.append({key: tv[key] * (tv[key].abs() >= c) for key in keys})
-    return out
+    _check_rules(None, keep_rule, ZERO_SIGN_RULES[0])
+    keys = _nonzero_keys(vectors, all_keys)
+    thresholds = _vector_thresholds(vectors, keys, density, keep_rule)
+    return [
+        {
+            key: tv[key] * (tv[key].abs() >= c) if key in keys else tv[key].clone()
+            for key in all_keys
+        }
+        for tv, c in zip(vectors, thresholds.tolist(), strict=True)
+    ]
 
 
 def ties_process(
-    vectors: Sequence[StateDict], density: float = 0.2
+    vectors: Sequence[StateDict],
+    density: float = 0.2,
+    *,
+    keep_rule: str = "floor_plus_one",
+    zero_sign: str = "majority",
 ) -> list[dict[str, torch.Tensor]]:
     """TIES-processed per-task vectors (trim + elect + disjoint mask), as AdaMerging++ uses.
 
     Task k's output is trim_k masked to the entries that agree with the elected sign, so
-    sum_k output_k is the TIES "sum" merge of the vectors (before scaling).
+    sum_k output_k is the TIES "sum" merge of the vectors (before scaling), with the same
+    ``keep_rule`` and ``zero_sign`` conventions (module docstring) and the same density
+    over the tensors that carry a task vector (where some vector is non-zero).
     """
-    keys = _check_vectors(vectors)
+    all_keys = _check_vectors(vectors)
     density = check_density(density)
-    n = sum(vectors[0][key].numel() for key in keys)
-    k = keep_count(n, density)
-    thresholds = torch.tensor(
-        [kth_largest_magnitude(_vector_parts(tv, keys), k) for tv in vectors], dtype=torch.float64
-    )
+    _check_rules(None, keep_rule, zero_sign)
+    keys = _nonzero_keys(vectors, all_keys)
+    thresholds = _vector_thresholds(vectors, keys, density, keep_rule)
+    election, pending = _Election(), []
     out: list[dict[str, torch.Tensor]] = [{} for _ in vectors]
-    for key in keys:
+    for key in all_keys:
         ref = vectors[0][key]
+        if key not in keys:
+            for t, tv in enumerate(vectors):
+                out[t][key] = tv[key].clone()
+            continue
         acc = accumulation_dtype(ref.dtype)
         taus = torch.stack([tv[key].reshape(-1).to(acc) for tv in vectors])
-        trimmed, agree = _trim_elect(taus, thresholds.to(device=taus.device, dtype=acc))
-        kept = (trimmed * agree).to(ref.dtype)
+        thr = thresholds.to(device=taus.device, dtype=acc)
+        trimmed = taus.masked_fill_(taus.abs() < thr[:, None], 0)
+        signs, cancelled = election.elect(trimmed)
+        if cancelled.numel():
+            pending.append((key, cancelled, trimmed[:, cancelled].clone()))
+        kept = (trimmed * _agreeing(trimmed, signs) * (signs != 0)).to(ref.dtype)
         for t, row in enumerate(kept):
             out[t][key] = row.reshape(ref.shape)
+    if zero_sign == "majority":
+        sign = election.majority()
+        for key, idx, values in pending:
+            kept = values * _agreeing(values, sign)
+            for t, row in enumerate(kept):
+                out[t][key].view(-1)[idx] = row.to(out[t][key].dtype)
     return out
 
 

@@ -1,25 +1,34 @@
-"""Hydra callbacks: at the end of every ``--multirun``, collect the jobs into one table."""
+"""Hydra callbacks: a multirun ends with its collected tables (``pipeline.collect``), also
+when one of its jobs fails (Hydra then skips ``on_multirun_end``): the failed job collects
+the sweep so far, naming itself and the jobs that will not run."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 
 log = logging.getLogger("react")
 
 
+def collect_sweep(folder: Path) -> None:
+    from .collect import skipped_lines, write_collected
+
+    c = write_collected(folder)
+    if c.skipped:
+        log.warning("jobs not collected in %s:\n%s", folder, "\n".join(skipped_lines(c.skipped)))
+    log.info("collected the sweep: %s", folder / "collected.md")
+
+
 class CollectOnMultirunEnd(Callback):
-    """Writes ``collected.csv`` / ``collected.md`` into the sweep folder (scripts/collect.py)."""
+    """Writes ``collected.{csv,md}`` and the paper tables into the sweep folder."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        from .collect import write_collected
+        collect_sweep(Path(config.hydra.sweep.dir))
 
-        folder = Path(config.hydra.sweep.dir)
-        try:
-            write_collected(folder)
-        except FileNotFoundError as e:  # every job failed: nothing to collect, say so
-            log.warning("%s", e)
-            return
-        log.info("collected the sweep: %s", folder / "collected.md")
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        if job_return.status == JobStatus.FAILED and config.hydra.mode == RunMode.MULTIRUN:
+            collect_sweep(Path(config.hydra.sweep.dir))

@@ -20,6 +20,13 @@ Formats
 - ``open_clip``: the backbone's own pretrained weights (``open_clip.create_model``); loaded by
   ``pipeline.suites.paper8``.
 
+Sizes are checked before anything is allocated: every storage record of a torch zip must
+hold exactly the bytes its tensors declare, every tensor view must lie inside its storage,
+and all tensors together may take at most :data:`MAX_EXPANSION` times the file's size
+(:data:`MAX_CHECKPOINT_BYTES` in all), so a small file cannot expand to gigabytes (a
+compressed record, views repeating one storage). A refused file raises
+:class:`CheckpointSizeError` (a ``ValueError``) naming the file and the record.
+
 Missing files and unreachable hub ids are reported together, before any heavy work, by one
 :class:`MissingResourceError` that says what was looked for, where, and how to get it.
 """
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import os
 import pickle
 import zipfile
@@ -40,6 +48,9 @@ import torch
 from . import compat  # noqa: F401  (torchvision guard before transformers / open_clip)
 
 KINDS = ("hf", "task_vectors", "state_dict", "open_clip")
+MAX_EXPANSION = 4  # tensors of a checkpoint may take at most this many times its file size
+SIZE_SLACK = 1 << 20  # ... plus this (small files, small metadata tensors)
+MAX_CHECKPOINT_BYTES = int(os.environ.get("REACT_MAX_CHECKPOINT_BYTES", 64 << 30))
 HUB_UNREACHABLE = "the Hugging Face hub is unreachable"
 TASK_VECTORS_URL = "https://drive.google.com/drive/folders/1u_Tva6x0p6oxu5Eo0ZZsf-520Cc_3MKw"
 
@@ -275,6 +286,78 @@ def _allowed_functions() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class CheckpointSizeError(pickle.UnpicklingError, ValueError):
+    """A checkpoint declares more bytes than it holds, or more than the limit allows."""
+
+
+def _prod(values) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+class _SizeBudget:
+    """Declared sizes of one torch zip, checked before anything is allocated."""
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile, prefix: str):
+        self.path, self.archive, self.prefix = path, archive, prefix
+        self.file_bytes = path.stat().st_size
+        self.limit = min(MAX_EXPANSION * self.file_bytes + SIZE_SLACK, MAX_CHECKPOINT_BYTES)
+        self.total = 0  # bytes of the tensors built so far (views counted in full)
+        self.records: dict[str, int] = {}  # bytes of each storage record declared so far
+
+    def _refuse(self, what: str) -> None:
+        raise CheckpointSizeError(
+            f"{self.path}: {what}; refused before allocating anything (the file is corrupted or "
+            f"crafted; limit: {MAX_EXPANSION} x its {self.file_bytes} bytes, at most "
+            f"{MAX_CHECKPOINT_BYTES} bytes, env REACT_MAX_CHECKPOINT_BYTES)"
+        )
+
+    def storage(self, key: str, numel: int, itemsize: int, untyped: bool) -> int:
+        """Bytes of storage ``key``, checked against its zip record; returns them."""
+        name = f"{self.prefix}/data/{key}"
+        try:
+            info = self.archive.getinfo(name)
+        except KeyError:
+            self._refuse(f"storage {key} has no record {name}")
+        declared = int(numel) * (1 if untyped else itemsize)
+        if not untyped and info.file_size != declared:
+            self._refuse(
+                f"storage {key} declares {numel} x {itemsize} bytes but its record holds "
+                f"{info.file_size}: the file is truncated or corrupted"
+            )
+        self.records[key] = info.file_size
+        if sum(self.records.values()) > self.limit:
+            self._refuse(f"its storages would take {sum(self.records.values())} bytes or more")
+        return info.file_size
+
+    def view(self, storage_bytes: int, itemsize: int, offset, size, stride) -> None:
+        """A tensor of ``size``/``stride`` at ``offset`` into a storage of ``storage_bytes``."""
+        size, stride = tuple(int(x) for x in size), tuple(int(x) for x in stride)
+        numel = _prod(size)
+        if numel == 0:
+            return
+        if len(size) != len(stride) or min(stride, default=0) < 0:
+            self._refuse(f"a tensor has sizes {size} and strides {stride}")
+        extent = int(offset) + sum((n - 1) * st for n, st in zip(size, stride, strict=True)) + 1
+        if int(offset) < 0 or extent * itemsize > storage_bytes:
+            self._refuse(
+                f"a tensor of shape {size} (strides {stride}, offset {offset}) reaches past its "
+                f"storage of {storage_bytes} bytes"
+            )
+        self.total += numel * itemsize
+        if self.total > self.limit:
+            self._refuse(
+                f"its tensors would take {self.total} bytes or more (a tensor of shape {size} "
+                f"views a storage of {storage_bytes} bytes)"
+            )
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickles a torch checkpoint's ``data.pkl`` without running code from the file.
 
@@ -301,7 +384,25 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._storages: dict[str, Any] = {}
         self._stubs: dict[str, type] = {}
         self._allowed = _allowed_functions()
+        self._budget = _SizeBudget(Path(source), archive, prefix)
+        for name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            self._allowed[("torch._utils", name)] = functools.partial(self._rebuild, name)
         self.stubbed: set[str] = set()
+
+    def _rebuild(self, name: str, storage, offset, size, stride, *rest):
+        """torch's tensor rebuild, after checking the view against its storage."""
+        self._budget.view(
+            self._storage_bytes(storage), self._dtype_size(storage), offset, size, stride
+        )
+        from torch import _utils
+
+        return getattr(_utils, name)(storage, offset, size, stride, *rest)
+
+    def _storage_bytes(self, storage) -> int:
+        return int(storage._untyped_storage.nbytes())  # (TypedStorage.nbytes() warns)
+
+    def _dtype_size(self, storage) -> int:
+        return _itemsize(storage.dtype)
 
     def find_class(self, module: str, name: str) -> Any:
         fn = self._allowed.get((module, name))
@@ -311,6 +412,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return _StorageType(name, _STORAGE_DTYPES[name])
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        return self._other_global(module, name)
+
+    def _other_global(self, module: str, name: str) -> Any:
+        """A global that is not a tensor rebuild, dtype or storage: a stand-in or refused."""
         if any(module == m or module.startswith(m + ".") for m in self._stub_modules):
             return self._stub(module, name)
         raise pickle.UnpicklingError(
@@ -331,22 +436,20 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.stubbed.add(full)
         return self._stubs[full]
 
-    def persistent_load(self, pid: Any) -> Any:
+    def _declared_storage(self, pid: Any) -> tuple[str, torch.dtype, int]:
+        """(key, dtype, bytes) of a storage persistent id, its size checked (nothing read)."""
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unsupported persistent id {pid!r} in {self._source}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        key = str(key)
+        dtype, untyped = storage_type.dtype, storage_type.name == "UntypedStorage"
+        return str(key), dtype, self._budget.storage(str(key), numel, _itemsize(dtype), untyped)
+
+    def persistent_load(self, pid: Any) -> Any:
+        key, dtype, _ = self._declared_storage(pid)
         if key not in self._storages:
             raw = self._archive.read(f"{self._prefix}/data/{key}")
-            dtype = storage_type.dtype
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if len(raw) != int(numel) * itemsize and storage_type.name != "UntypedStorage":
-                raise pickle.UnpicklingError(
-                    f"storage {key} of {self._source} has {len(raw)} bytes, expected "
-                    f"{numel} x {itemsize}: the file is truncated or corrupted"
-                )
             flat = (
                 torch.frombuffer(bytearray(raw), dtype=dtype)
                 if raw
@@ -358,6 +461,80 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
+@dataclasses.dataclass(frozen=True)
+class _DeclaredStorage:
+    nbytes: int
+    dtype: torch.dtype
+
+
+class _DeclaredTensor:
+    """What a tensor rebuild gives while only sizes are checked (nothing allocated)."""
+
+
+class _SizeScan(RestrictedUnpickler):
+    """Walks a checkpoint's pickle checking declared sizes only: storages are not read,
+    tensors are not built, and every global is an inert stand-in (nothing is refused here:
+    whether the file is allowed is ``torch.load(weights_only=True)``'s decision)."""
+
+    def __init__(self, file, archive, prefix, source):
+        super().__init__(file, archive, prefix, source, stub_modules=("",))
+        for name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+            self._allowed[("torch._utils", name)] = lambda data, *rest: data
+        self._allowed[("torch._tensor", "_rebuild_from_type_v2")] = (
+            lambda func, new_type, args, state: func(*args)
+        )
+
+    def _other_global(self, module: str, name: str) -> Any:
+        return self._stub(module, name)
+
+    def _rebuild(self, name, storage, offset, size, stride, *rest):
+        if not isinstance(storage, _DeclaredStorage):
+            raise pickle.UnpicklingError(f"{self._source}: a tensor without a storage record")
+        self._budget.view(storage.nbytes, _itemsize(storage.dtype), offset, size, stride)
+        return _DeclaredTensor()
+
+    def persistent_load(self, pid: Any) -> Any:
+        _, dtype, nbytes = self._declared_storage(pid)
+        return _DeclaredStorage(nbytes, dtype)
+
+
+def _open_torch_zip(path: Path):
+    """(archive, data.pkl name, prefix) of a torch zip checkpoint; refuses anything else."""
+    if not zipfile.is_zipfile(path):
+        raise pickle.UnpicklingError(
+            f"{path} is not a torch zip checkpoint (torch.save's format since torch 1.6); the "
+            "legacy format and raw pickles are not read (their sizes cannot be checked before "
+            "loading, and they can run code). Re-save it as a state dict "
+            "(torch.save(model.state_dict())) in a trusted environment, or as safetensors."
+        )
+    archive = zipfile.ZipFile(path)
+    names = archive.namelist()
+    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if not pkls:
+        archive.close()
+        hint = (
+            " (it looks like a TorchScript archive)"
+            if any(n.endswith("constants.pkl") for n in names)
+            else ""
+        )
+        raise pickle.UnpicklingError(f"{path} has no <archive>/data.pkl record{hint}")
+    prefix = pkls[0].rsplit("/", 1)[0]
+    order = f"{prefix}/byteorder"
+    if order in names and archive.read(order).decode().strip() != "little":
+        archive.close()
+        raise pickle.UnpicklingError(f"{path} was saved on a big-endian machine; unsupported")
+    return archive, pkls[0], prefix
+
+
+def check_torch_zip_sizes(path: str | Path) -> None:
+    """Raise :class:`CheckpointSizeError` if the torch zip at ``path`` declares tensors
+    larger than its records or the limit (see the module docstring); reads only the pickle."""
+    path = Path(path)
+    archive, pkl, prefix = _open_torch_zip(path)
+    with archive, archive.open(pkl) as f:
+        _SizeScan(f, archive, prefix, str(path)).load()
+
+
 def safe_torch_load(path: str | Path, stub_modules: tuple[str, ...] = STUB_MODULES) -> Any:
     """Load a ``torch.save`` zip file with :class:`RestrictedUnpickler` (no code execution).
 
@@ -365,28 +542,9 @@ def safe_torch_load(path: str | Path, stub_modules: tuple[str, ...] = STUB_MODUL
     objects as :class:`PickledObject` stand-ins (use :func:`module_state_dict`).
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise pickle.UnpicklingError(
-            f"{path} is not a torch zip checkpoint (torch.save's format since torch 1.6); the "
-            "legacy format and raw pickles are not read by the safe loader. Re-save it as a "
-            "state dict (torch.save(model.state_dict())) in a trusted environment."
-        )
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-        if not pkls:
-            hint = (
-                " (it looks like a TorchScript archive)"
-                if any(n.endswith("constants.pkl") for n in names)
-                else ""
-            )
-            raise pickle.UnpicklingError(f"{path} has no <archive>/data.pkl record{hint}")
-        prefix = pkls[0].rsplit("/", 1)[0]
-        order = f"{prefix}/byteorder"
-        if order in names and archive.read(order).decode().strip() != "little":
-            raise pickle.UnpicklingError(f"{path} was saved on a big-endian machine; unsupported")
-        with archive.open(pkls[0]) as f:
-            return RestrictedUnpickler(f, archive, prefix, str(path), stub_modules).load()
+    archive, pkl, prefix = _open_torch_zip(path)
+    with archive, archive.open(pkl) as f:
+        return RestrictedUnpickler(f, archive, prefix, str(path), stub_modules).load()
 
 
 def module_state_dict(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -461,13 +619,52 @@ def load_task_vectors_visual(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ====================================================================== local state dicts
+def check_torch_weights(path: str | Path) -> None:
+    """Refuse, before any load, a torch file that is not a zip, names a global a
+    ``weights_only`` load refuses, or declares sizes it does not hold; the error names it."""
+    path = Path(path)
+    _open_torch_zip(path)[0].close()
+    unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    if unsafe:
+        raise pickle.UnpicklingError(
+            f"{path} is not a plain state dict: its pickle names {', '.join(unsafe)}, which a "
+            "safe load refuses (nothing from the file was run). A task-vectors whole-module "
+            "checkpoint: use experts.source=task_vectors or convert it with "
+            "scripts/convert_task_vectors.py; otherwise re-save its state_dict() as safetensors."
+        )
+    check_torch_zip_sizes(path)
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Check every weight file of a local ``save_pretrained`` folder before transformers
+    reads it: torch files by :func:`check_torch_weights`, safetensors by their header."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).iterdir()):
+        if path.suffix in (".bin", ".pt", ".pth"):
+            check_torch_weights(path)
+        elif path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except SafetensorError as e:
+                raise ValueError(
+                    f"{path} is not a valid safetensors file ({e}): it is truncated, damaged or "
+                    "tampered with; re-create it from its source"
+                ) from e
+
+
 def load_torch_weights(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU: the one ``torch.load`` of the project.
 
-    A file that needs more than tensors and containers (a pickled module, or code such as
-    ``os.system``) is refused before anything in it runs; the error names the file and the
-    refused global, and does not suggest ``weights_only=False``.
+    Before torch reads it: the file must be a torch zip, every global its pickle names must be
+    one ``weights_only`` allows (``torch.serialization.get_unsafe_globals_in_checkpoint``), and
+    its declared sizes must pass :func:`check_torch_zip_sizes`. A file that needs more than
+    tensors and containers (a pickled module, or code such as ``os.system``) is refused before
+    anything in it runs; the error names the file and the refused globals.
     """
+    path = Path(path)
+    check_torch_weights(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -476,10 +673,22 @@ def load_torch_weights(path: str | Path) -> Any:
             (ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln), lines[0] if lines else ""
         )
         raise pickle.UnpicklingError(
-            f"{path} is not a plain state dict: torch.load(weights_only=True) refused it ({reason}). "
-            "Loading it with weights_only=False could run code from the file; do that only for a file "
-            "you trust. A task-vectors whole-module checkpoint: use experts.source=task_vectors or "
-            "convert it with scripts/convert_task_vectors.py."
+            f"{path} is not a plain state dict: a safe load refused it ({reason}); nothing from "
+            "the file was run. Re-save its state_dict() as safetensors in a trusted environment."
+        ) from e
+
+
+def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """``safetensors.torch.load_file``, with a damaged or tampered file named in the error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(
+            f"{path} is not a valid safetensors file ({e}): it is truncated, damaged or "
+            "tampered with; re-create it from its source"
         ) from e
 
 
@@ -492,9 +701,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path)
     else:
         state = load_torch_weights(path)
         if isinstance(state, Mapping) and "state_dict" in state:
@@ -585,14 +792,20 @@ def load_hf_visual(
     ``fallback_proj`` is used and ``info["projection"]`` says so. ``quick_gelu`` (the open_clip
     model's activation) must agree with the checkpoint's ``hidden_act``.
     """
-    from transformers import CLIPVisionModelWithProjection
+    from transformers import AutoConfig, CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
+    if Path(location).is_dir():
+        check_weight_files(location)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized visual_projection" notice
     try:
+        config = AutoConfig.from_pretrained(location, revision=revision)
+        if config.model_type == "clip":  # a whole CLIPModel: its projection size is the CLIP's
+            config.vision_config.projection_dim = config.projection_dim
+            config = config.vision_config
         model, loading = CLIPVisionModelWithProjection.from_pretrained(
-            location, revision=revision, output_loading_info=True
+            location, revision=revision, config=config, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -723,13 +936,18 @@ def load_checkpoint(
     ``reference`` is the pretrained tower's state dict: it fixes keys, shapes and dtypes, and
     supplies the projection of ``CLIPVisionModel`` checkpoints.
     """
-    if ref.kind == "hf":
-        state, info = load_hf_visual(ref.location, ref.revision, reference.get("proj"), quick_gelu)
-    elif ref.kind == "task_vectors":
-        state, info = load_task_vectors_visual(ref.location), {"format": "task_vectors pickle"}
-    elif ref.kind == "state_dict":
-        state, info = load_state_file(ref.location), {"format": "state dict"}
-    else:
+    if ref.kind not in KINDS[:3]:
         raise ValueError(f"{ref.role}: cannot load kind {ref.kind!r} here (one of {KINDS[:3]})")
+    try:
+        if ref.kind == "hf":
+            state, info = load_hf_visual(
+                ref.location, ref.revision, reference.get("proj"), quick_gelu
+            )
+        elif ref.kind == "task_vectors":
+            state, info = load_task_vectors_visual(ref.location), {"format": "task_vectors pickle"}
+        else:
+            state, info = load_state_file(ref.location), {"format": "state dict"}
+    except pickle.UnpicklingError as e:  # refused or oversized: name the expert too
+        raise type(e)(f"{ref.role} ({ref.kind} checkpoint): {e}") from e
     info["location"] = ref.location
     return check_visual_state(state, reference, f"{ref.role} from {ref.location}"), info

@@ -21,64 +21,32 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import compat  # noqa: F401
+from . import compat, lifecycle  # noqa: F401
 from .artifacts import run_artifacts
-from .cache import Cache
+from .cache import Cache, disk_full
 from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
 from .features import resolve_device
-from .merge import load_merged, run_merge, validate_merge_config
+from .merge import load_merged, run_merge
 from .methods import build_method, reference_accuracies, sweep
 from .paths import CONFIG_DIR, describe_cache
-from .report import run_meta, write_report, write_timings
+from .report import (
+    begin_run,
+    mark_complete,
+    mark_failed,
+    run_meta,
+    write_report,
+    write_timings,
+)
 from .stages import (
     Context,
     ModelRef,
-    calibration_count,
     calibration_indices,
-    calibration_split,
 )
 from .suites import build_suite
-from .tracking import Tracker, log_run
+from .tracking import Tracker
+from .validation import validate_config
 
 log = logging.getLogger("react")
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Every check that needs no data, before any heavy stage; messages say what to change."""
-    resolve_device(cfg.device)
-    validate_merge_config(cfg.merge)
-    tasks = list(cfg.suite.tasks)
-    if len(set(tasks)) != len(tasks) or len(tasks) < 2:
-        raise ValueError(f"suite.tasks must list at least 2 distinct tasks, got {tasks}")
-    resolve_tasks3(tasks, cfg.tasks3)
-    calibration_split(cfg.calibration.source)
-    # type and range of calibration.size now; its bound by the split size once the suite is built
-    calibration_count(cfg.calibration.size, sys.maxsize)
-    c = cfg.correction
-    if isinstance(c.beta, bool) or not isinstance(c.beta, (int, float)) or c.beta < 0:
-        raise ValueError(
-            f"correction.beta must be a number >= 0 or inf (correction.beta=inf on the command line), got {c.beta!r}"
-        )
-    if c.aggregation not in ("closed_form", "naive", "polar"):
-        raise ValueError(
-            f"correction.aggregation must be closed_form, naive or polar, got {c.aggregation!r}"
-        )
-    if c.reduction not in ("mean", "sum"):
-        raise ValueError(f"correction.reduction must be mean or sum, got {c.reduction!r}")
-    for name in list(cfg.methods) + list(cfg.fixed_methods):
-        build_method(name, method_cfg(cfg, name))
-    preference_sets(cfg.preferences, tasks, resolve_tasks3(tasks, cfg.tasks3))
-    from .suites import BUILDERS
-
-    if cfg.suite.name not in BUILDERS:
-        raise ValueError(
-            f"unknown suite {cfg.suite.name!r}; choose suite= one of {sorted(BUILDERS)}"
-        )
-    import importlib
-
-    builder = importlib.import_module(BUILDERS[cfg.suite.name])
-    if hasattr(builder, "validate"):
-        builder.validate(cfg.suite, cfg.backbone)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -111,10 +79,9 @@ def apply_runtime(cfg: DictConfig) -> torch.device:
 
 
 def script_output_dir(out: Path | None, cfg: DictConfig, name: str) -> Path:
-    """``out``, or ``<paths.output_dir>/<name>/<time>``; created."""
-    out = (
-        Path(out) if out else Path(cfg.paths.output_dir) / name / time.strftime("%Y-%m-%d_%H-%M-%S")
-    )
+    """``out``, or ``<paths.output_dir>/<name>/<time>-<run id>`` (unique per process); created."""
+    stamp = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{lifecycle.run_id()}"
+    out = Path(out) if out else Path(cfg.paths.output_dir) / name / stamp
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -126,9 +93,33 @@ def method_cfg(cfg: DictConfig, name: str):
 
 
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    """Run the whole pipeline for ``cfg``; returns the summary dict."""
-    validate_config(cfg)
+    """Run the whole pipeline for ``cfg``; returns the summary dict. The run folder ends with
+    ``run_complete.json`` (success) or ``run_failed.json``, and W&B marks a failure failed."""
     run_dir = Path(run_dir or cfg.paths.output_dir)
+    validate_config(cfg)  # before any folder or W&B run: a bad config leaves nothing behind
+    tracker = Tracker.for_job(cfg, run_dir)
+    try:
+        _prepare_run_dir(run_dir)  # a rerun into this folder never leaves stale outputs
+        device = apply_runtime(cfg)
+        log.info("run folder %s", run_dir)
+        log.info(describe_cache(Path(cfg.paths.cache_dir)))
+        cache = Cache(cfg.paths.cache_dir)
+        cache.sweep_tmp()
+        with disk_full(run_dir, "the run's tables and report"):
+            summary = _run(cfg, cache, device, run_dir, tracker)
+    except BaseException as e:
+        mark_failed(run_dir, e)
+        tracker.fail(e)
+        raise
+    finally:
+        if tracker.message:
+            log.info(tracker.message)
+    mark_complete(run_dir)  # the last file: the folder is complete
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path) -> None:
+    """A writable run folder without the outputs of an earlier run."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -138,26 +129,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
         raise PermissionError(
             f"the output folder {run_dir} is not writable ({e.strerror}); set hydra.run.dir or paths.output_dir"
         ) from e
-    device = apply_runtime(cfg)
-    log.info("run folder %s", run_dir)
-    log.info(describe_cache(Path(cfg.paths.cache_dir)))
-    cache = Cache(cfg.paths.cache_dir)
-    cache.sweep_tmp()
-    config = OmegaConf.to_container(cfg, resolve=True)
-    tracker = Tracker(
-        cfg.logger,
-        run_dir,
-        config,
-        group=cfg.experiment_name,
-        name=f"{cfg.suite.name}-{cfg.merge.name}-{'+'.join(cfg.methods)}",
-    )
-    try:
-        summary = _run(cfg, cache, device, run_dir, tracker)
-    finally:
-        tracker.finish()
-    if tracker.message:
-        log.info(tracker.message)
-    return summary
+    stale = begin_run(run_dir)
+    if stale:
+        log.info("removed the outputs of an earlier run from %s: %s", run_dir, ", ".join(stale))
 
 
 def load_suite(cfg: DictConfig, cache: Cache):
@@ -200,7 +174,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
     with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
         reference = reference_accuracies(ctx)
-    frames, cost_rows, methods = [], [], []
+    frames, cost_rows, methods, stat_files = [], [], [], {}
     for name, method_sets in [
         *((name, sets) for name in cfg.methods),  # controllable: every preference set
         *((name, scenario_sets(sets)) for name in cfg.fixed_methods),  # equal/priority/one-hot
@@ -208,6 +182,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         methods.append(method := build_method(name, method_cfg(cfg, name)))
         with ctx.timed("fit"):
             method.fit(ctx)
+        stat_files[name] = [method.stats_path] if getattr(method, "stats_path", None) else []
         total = sum(len(p) for p in method_sets.values())
         with ctx.timed("sweep"), ctx.preference_bar(name, total):
             frames += [sweep(ctx, method, s, p, reference) for s, p in method_sets.items()]
@@ -219,7 +194,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         artifacts = run_artifacts(ctx.suite, ctx.merged_path, methods, run_dir)
         summary, plots = write_report(run_dir, meta, ev, sets, tasks3, artifacts)
     write_timings(run_dir, ctx.timings, cache.events)
-    log_run(tracker, summary, ev, ctx.timings, plots)
+    tracker.log_job(summary, ev, ctx.timings, plots, stat_files)  # log: one W&B run per method
     log.info("results in %s", run_dir)
     return summary
 
@@ -250,6 +225,8 @@ def main(cfg: DictConfig) -> dict:
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
@@ -268,6 +245,7 @@ def main(cfg: DictConfig) -> dict:
 def cli() -> None:
     """The console command (``react-merging``, ``python -m pipeline.main``): Hydra's app.
     A config Hydra cannot compose (an unknown key, a bad override) is a user error too: exit 2."""
+    lifecycle.mark_launcher()  # multirun workers it starts end with it
     try:
         main()
     except SystemExit as e:

@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import merging
+from merging.ties import KEEP_RULES, ZERO_SIGN_RULES
 
 from .cache import Cache, Unit
+from .codeversion import merge_code
 from .suite import Suite, normalize_images, save_state
 
 log = logging.getLogger("react")
-CODE_VERSION = 1  # bump when a merge implementation changes its numbers
 MERGES = (
     "task_arithmetic",
     "ties",
@@ -56,11 +57,34 @@ def validate_merge_config(cfg) -> None:
         raise ValueError(f"merge.scale must be > 0, got {cfg.scale}")
     if "density" in cfg and not 0 < cfg.density <= 1:
         raise ValueError(f"merge.density must be in (0, 1], got {cfg.density}")
+    for key, allowed in (("keep_rule", KEEP_RULES), ("zero_sign", ZERO_SIGN_RULES)):
+        if key in cfg and cfg[key] not in allowed:
+            raise ValueError(f"merge.{key} must be one of {list(allowed)}, got {cfg[key]!r}")
+
+
+_CONVENTIONS = {
+    "floor_plus_one": "keeps int({density} N) + 1 entries of each task vector (the original TIES code)",
+    "round": "keeps round({density} N) entries of each task vector (the TIES paper's top-k)",
+    "majority": "an entry whose trimmed values cancel exactly takes the model's majority sign "
+    "(the original TIES code)",
+    "zero": "an entry whose trimmed values cancel exactly gets 0 (the TIES paper read literally)",
+}
+
+
+def merge_conventions(cfg) -> str | None:
+    """One sentence naming the TIES conventions of a merge config (None: no TIES step)."""
+    if not (cfg.name == "ties" or (cfg.name in ("adamerging", "adamerging_pp") and cfg.ties)):
+        return None
+    keep = _CONVENTIONS[cfg.keep_rule].format(density=cfg.density)
+    return (
+        f"TIES{'-processed task vectors' if cfg.name != 'ties' else ''}: {keep}, N = the "
+        f"entries of the tensors that carry a task vector; {_CONVENTIONS[cfg.zero_sign]}"
+    )
 
 
 def merge_material(cfg, suite: Suite, device: torch.device) -> dict:
     """What determines a merge's weights: the cache key material of ``run_merge``."""
-    material = {"suite": suite.key, "merge": cfg, "version": CODE_VERSION}
+    material = {"suite": suite.key, "merge": cfg, "code": merge_code(cfg.name)}
     if cfg.name in ("adamerging", "adamerging_pp", "lot"):
         material["device_type"] = device.type  # learned merges are not bit-equal across devices
     return material
@@ -81,7 +105,13 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
             merged = merging.task_arithmetic(pre, experts, scale=cfg.scale)
         elif cfg.name == "ties":
             merged = merging.ties(
-                pre, experts, scale=cfg.scale, density=cfg.density, merge=cfg.combine
+                pre,
+                experts,
+                scale=cfg.scale,
+                density=cfg.density,
+                merge=cfg.combine,
+                keep_rule=cfg.keep_rule,
+                zero_sign=cfg.zero_sign,
             )
         elif cfg.name == "weight_average":
             merged = merging.weight_average(experts)
@@ -97,6 +127,8 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
                 granularity=cfg.granularity,
                 ties=bool(cfg.ties),
                 density=cfg.density,
+                ties_keep_rule=cfg.keep_rule,
+                ties_zero_sign=cfg.zero_sign,
                 steps=cfg.steps,
                 lr=cfg.lr,
                 batch_size=cfg.batch_size,

@@ -21,6 +21,7 @@ import torch
 import merging
 from correction import react
 
+from .codeversion import FEATURES, code_version
 from .features import accuracy_from_features
 from .stages import Context, ModelRef, long_results
 
@@ -32,6 +33,7 @@ class Method:
 
     name = "method"
     controllable = True
+    code: tuple[str, ...] = ()  # modules that compute its numbers (cache keys: codeversion)
 
     def __init__(self, cfg=None):
         self.cfg = cfg
@@ -57,13 +59,19 @@ class Method:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(self.cfg, resolve=True) if self.cfg is not None else None
-        return {"name": self.name, "cfg": cfg}
+        return {"name": self.name, "cfg": cfg, "code": self.code_version()}
+
+    def code_version(self) -> str:
+        """Version of the code behind this method's numbers: its modules and the feature
+        extraction it reads (``pipeline.codeversion``)."""
+        return code_version(*FEATURES, *self.code)
 
 
 class ReACT(Method):
     """Closed-form representation correction (correction.react) on the merged model."""
 
     name = "react"
+    code = ("correction.react", "pipeline.methods")
 
     def fit(self, ctx: Context) -> None:
         t0 = time.perf_counter()
@@ -74,6 +82,7 @@ class ReACT(Method):
             "calibration": {t: ctx.calibration[t].tolist() for t in ctx.tasks},
             "split": split,
             "correction": {k: c[k] for k in ("beta", "reduction", "normalize_features")},
+            "code": self.code_version(),
         }
         passes = 0
 
@@ -140,6 +149,7 @@ class PreferenceTaskArithmetic(Method):
     """theta_0 + scale * sum_k (T p_k) tau_k: one merged model per preference."""
 
     name = "pref_ta"
+    code = ("pipeline.methods", "merging.task_arithmetic", "merging._checks")
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -236,6 +246,7 @@ def sweep(
         "calibration_source": ctx.cfg.calibration.source,
         "preferences": np.round(p, 12).tolist(),
         "set": set_name,
+        "code": code_version("pipeline.methods", *FEATURES),  # this function's own code
     }
 
     def compute(out: Path):

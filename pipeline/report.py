@@ -6,30 +6,108 @@ costs go to ``timings.json`` and ``cost.csv``.
 
 summary.json schema (``"schema": "react-merging/summary/v1"``)::
 
-    {schema, suite, backbone, tasks, tasks3, seed, preset ("full" | "fast"), merge{...}, correction{...},
+    {schema, suite, backbone, tasks, tasks3, seed, preset ("full" | "fast"), merge{...},
+     merge_conventions (TIES conventions in words, or null), pretrained_tower (where the
+     suite's pretrained image tower came from, or null), correction{...},
      calibration{source, split, size, counts{task: n}, overlaps_evaluation, note},
      reference{label: {task: accuracy, ..., average}},          # pretrained, merged, expert
      scenarios{method: {scenario: {task: accuracy, ..., average, normalized_average}}},
      fronts{method: {"@3"|"@all": {hypervolume, uniformity, preference_alignment}}},
      metric_notes{hypervolume, uniformity, preference_alignment}}
 Accuracies are fractions in [0, 1]; hypervolume is x100 of normalised accuracies.
+
+A run folder is complete only when ``run_complete.json`` (written last, by
+``mark_complete``) says so: it lists every output with its sha256. A run starts by removing
+the marker and the outputs a previous run left in its folder (``begin_run``); a failed run
+leaves ``run_failed.json`` with the error instead (``mark_failed``). ``pipeline.collect``
+reads complete runs only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+import shutil
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 from omegaconf import OmegaConf
 
-from .cache import atomic_write_text
+from .cache import atomic_write, atomic_write_text
 from .evaluate import Evaluation, priority_rule_text
+from .merge import merge_conventions
 from .stages import calibration_split
 
 SCHEMA = "react-merging/summary/v1"
+MARKER = "run_complete.json"
+FAILED = "run_failed.json"
+TABLES = ("results", "preferences", "reference", "scenarios", "fronts", "cost")
+OUTPUTS = (
+    *(f"{t}.{ext}" for t in TABLES for ext in ("csv", "parquet")),
+    "summary.json",
+    "report.md",
+    "timings.json",
+    "plots",
+)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def begin_run(run_dir: Path) -> list[str]:
+    """Mark ``run_dir`` incomplete (marker removed first), then remove the outputs an
+    earlier run left there; returns the names removed (the W&B folder is kept)."""
+    run_dir = Path(run_dir)
+    removed = []
+    for name in (MARKER, FAILED, *OUTPUTS):
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def mark_complete(run_dir: Path) -> None:
+    """Write ``run_complete.json`` (the last file of a successful run): every output of the
+    run folder with its sha256."""
+    run_dir = Path(run_dir)
+    files = {}
+    for name in OUTPUTS:
+        for p in sorted(
+            [run_dir / name] if (run_dir / name).is_file() else (run_dir / name).rglob("*")
+        ):
+            if p.is_file():
+                files[p.relative_to(run_dir).as_posix()] = file_sha256(p)
+    marker = {
+        "schema": "react-merging/run-complete/v1",
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "files": files,
+    }
+    atomic_write_text(run_dir / MARKER, json.dumps(marker, indent=1))
+
+
+def mark_failed(run_dir: Path, error: BaseException) -> None:
+    """Write ``run_failed.json`` (what went wrong) into the run folder of a failed run, whose
+    marker of an earlier success (if any) goes first."""
+    text = json.dumps(
+        {
+            "error": f"{type(error).__name__}: {error}",
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    try:
+        (Path(run_dir) / MARKER).unlink(missing_ok=True)
+        atomic_write_text(Path(run_dir) / FAILED, text)
+    except OSError:  # an unwritable folder is what failed: the error itself says so
+        pass
 
 
 def write_report(
@@ -75,6 +153,8 @@ def run_meta(cfg, suite, calibration: dict, tasks3: list[str], sets: dict) -> di
         "seed": int(cfg.seed),
         "preset": str(cfg.get("preset", "full")),
         "merge": OmegaConf.to_container(cfg.merge, resolve=True),
+        "merge_conventions": merge_conventions(cfg.merge),
+        "pretrained_tower": suite.info.get("pretrained_tower"),
         "correction": OmegaConf.to_container(cfg.correction, resolve=True),
         "methods": list(cfg.methods) + list(cfg.fixed_methods),
         "calibration": {
@@ -126,17 +206,21 @@ def write_plots(
         avg = ev.scenarios[ev.scenarios.task == "average"].rename(
             columns={"accuracy": "average_accuracy"}
         )
-        written += plots.plot_scenario_bars(avg, out_dir)
+        means = reference.groupby("label", sort=False).accuracy.mean()
+        lines = {
+            ("experts" if k == "expert" else k): v for k, v in means.items() if k != "pretrained"
+        }
+        written += plots.plot_scenario_bars(avg, out_dir, reference=lines)
     return [Path(p) for p in written]
 
 
 def write_table(df: pd.DataFrame, run_dir: Path, name: str) -> None:
-    tmp = run_dir / f".{name}.csv.tmp"
-    df.to_csv(tmp, index=False, float_format="%.6f")
-    tmp.replace(run_dir / f"{name}.csv")
-    tmp = run_dir / f".{name}.parquet.tmp"
-    df.to_parquet(tmp, index=False)
-    tmp.replace(run_dir / f"{name}.parquet")
+    """``<name>.csv`` and ``<name>.parquet``, each written atomically under a temporary name
+    unique to this writer (two runs writing one folder never share a temporary file)."""
+    atomic_write(
+        run_dir / f"{name}.csv", lambda tmp: df.to_csv(tmp, index=False, float_format="%.6f")
+    )
+    atomic_write(run_dir / f"{name}.parquet", lambda tmp: df.to_parquet(tmp, index=False))
 
 
 def build_summary(
@@ -197,7 +281,16 @@ def markdown_report(
         "",
         f"Calibration: {summary['calibration']['note']}",
         "",
-        *([f"Preferences: {summary['priority_rule']}", ""] if summary.get("priority_rule") else []),
+        *(
+            line
+            for label, key in (
+                ("Pretrained tower", "pretrained_tower"),
+                ("Merge", "merge_conventions"),
+                ("Preferences", "priority_rule"),
+            )
+            if summary.get(key)
+            for line in (f"{label}: {summary[key]}", "")
+        ),
         "## Accuracy (%) per task",
         "",
         "| model | " + " | ".join(tasks) + " | avg |",

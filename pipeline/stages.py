@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .cache import Cache, stable_hash
+from .codeversion import FEATURES, code_version
 from .features import accuracy_from_features, extract_features
 from .suite import Suite
 
@@ -136,6 +137,7 @@ class Context:
             "split": split,
             "indices": stable_hash(idx.tolist()),
             "precision": precision,
+            "code": code_version(*FEATURES),
         }
 
         def compute(out: Path):

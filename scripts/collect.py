@@ -3,8 +3,12 @@
     python scripts/collect.py outputs/multirun/table1/<time>      # a multirun folder
     python scripts/collect.py --latest table1                     # newest multirun of an experiment
 
-Reads each job's summary.json and Hydra overrides; writes collected.csv and collected.md
-beside the jobs and prints the markdown.
+Reads every complete job (its run_complete.json records its summary.json) under the
+folder: a run folder, a multirun folder, or a folder holding several of either. Writes
+collected.md (the paper-shaped tables), collected.csv (long form), table1.csv,
+table1_tasks.csv, table2.csv, sweep.csv and plots/sweep_<key>.png beside the jobs, and
+prints the markdown. Jobs that failed, are incomplete or never started are named (on stderr
+and in collected.md), never read; the exit code is 1 when no job is complete.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.collect import write_collected  # noqa: E402
+from pipeline.collect import skipped_lines, to_markdown, write_collected  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -37,10 +41,16 @@ def main(argv=None) -> None:
     if folder is None:
         ap.error("give a folder or --latest EXPERIMENT")
     try:
-        md = write_collected(folder)
+        c = write_collected(folder)
     except FileNotFoundError as e:
         raise SystemExit(str(e)) from None
-    print(f"# {folder}\n\n{md}")
+    print(f"# {folder}\n\n{to_markdown(c)}")
+    if c.skipped:
+        print("jobs not collected:\n" + "\n".join(skipped_lines(c.skipped)), file=sys.stderr)
+    if not any(j.status == "complete" for j in c.jobs):
+        raise SystemExit(
+            f"no complete run under {folder} (a complete run ends with run_complete.json)"
+        )
 
 
 if __name__ == "__main__":

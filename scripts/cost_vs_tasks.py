@@ -1,7 +1,7 @@
 """Cost of each controllable method against the number of tasks T (`make fig-cost`).
 
     python scripts/cost_vs_tasks.py suite=offline backbone=offline [methods=[react,pref_ta]]
-        [--n-prefs 1000] [--repeats 1] [--query-budget 20] [--out DIR]
+        [--n-prefs 1000] [--repeats 3] [--query-budget 20] [--out DIR]
 
 Any argument of the form ``key=value`` is a Hydra override of ``configs/config.yaml`` (as for
 ``python -m pipeline.main``); ``--...`` flags belong to this script. On a CPU shared
@@ -27,8 +27,10 @@ first (lazy imports, first kernel launches). Per T and method:
 - ``maps_seconds`` (methods with a ``maps(prefs)`` method, i.e. ReACT): the N preference
   maps alone, without scoring.
 
-Writes ``cost_vs_tasks.csv`` (every repeat), ``cost_summary.csv`` (median over repeats) and
-``cost.png``/``cost.pdf`` into ``--out`` (default ``<paths.output_dir>/cost_vs_tasks/<time>``)
+Writes ``cost_vs_tasks.csv`` (every repeat), ``cost_summary.csv`` (median over repeats, with
+the min and max of the offline and total seconds) and ``cost.png``/``cost.pdf`` (one colour
+per method, solid: offline stage, dashed: offline + answering; bands: min to max over the
+repeats, 3 by default) into ``--out`` (default ``<paths.output_dir>/cost_vs_tasks/<time>``)
 and prints the summary table.
 """
 
@@ -166,7 +168,9 @@ def measure(
 
 
 def summarise(raw: pd.DataFrame) -> pd.DataFrame:
+    """Median over repeats per (method, T); min and max of the offline and total seconds."""
     num = ["merge_seconds", "offline_seconds", "answer_seconds", "maps_seconds", "forward_passes"]
+    raw = raw.assign(total_seconds=raw.offline_seconds + raw.answer_seconds)
     g = raw.groupby(["method", "n_tasks"], sort=False)
     out = g[num].median()
     out["n_prefs"] = g.n_prefs.first()
@@ -175,33 +179,43 @@ def summarise(raw: pd.DataFrame) -> pd.DataFrame:
     out["repeats"] = g.size()
     out["forward_passes"] = out.forward_passes.round().astype(int)
     out["total_seconds"] = out.offline_seconds + out.answer_seconds
+    for col in ("offline_seconds", "total_seconds"):
+        out[f"{col}_min"], out[f"{col}_max"] = g[col].min(), g[col].max()
     return out.reset_index()
 
 
 def plot(summary: pd.DataFrame, n_prefs: int, out: Path, label: str) -> list[Path]:
+    """One colour per method; phases "offline" (solid) and "offline + N preferences"
+    (dashed); median with a min-max band over the repeats."""
     from evaluation import plots
 
     rows = []
+    answered = f"offline + {n_prefs} preferences"
     for m, d in summary.groupby("method", sort=False):
         has_offline = bool((d.offline_seconds >= 1e-3).any())  # a no-op fit would squash a log axis
-        total = (
-            f"{m}: offline + {n_prefs} preferences"
-            if has_offline
-            else f"{m}: {n_prefs} preferences (no offline stage)"
-        )
-        if d.extrapolated.any():
-            total += " (extrapolated)"
         for r in d.itertuples():
             if has_offline:
-                rows.append(
-                    {"method": f"{m}: offline", "n_tasks": r.n_tasks, "seconds": r.offline_seconds}
-                )
-            rows.append({"method": total, "n_tasks": r.n_tasks, "seconds": r.total_seconds})
+                rows.append({"method": m, "n_tasks": r.n_tasks, "phase": "offline"})
+                rows[-1].update(seconds=r.offline_seconds, seconds_min=r.offline_seconds_min)
+                rows[-1]["seconds_max"] = r.offline_seconds_max
+            rows.append({"method": m, "n_tasks": r.n_tasks, "phase": answered})
+            rows[-1].update(seconds=r.total_seconds, seconds_min=r.total_seconds_min)
+            rows[-1]["seconds_max"] = r.total_seconds_max
     fig = plots.cost_figure(pd.DataFrame(rows))
     ax = fig.axes[0]
-    ax.set_ylabel("seconds (median over repeats)")
+    repeats = int(summary.repeats.min())
+    ax.set_ylabel(f"seconds (median of {repeats}; band: min to max)")
+    extrapolated = sorted(
+        plots.display_name(m) for m in summary[summary.extrapolated].method.unique()
+    )
     ax.set_title(
-        f"Cost vs number of tasks T\n(offline stage; answering + scoring {n_prefs} preferences)\n{label}",
+        f"Cost vs number of tasks T: offline stage (solid), + answering and scoring {n_prefs} "
+        f"preferences (dashed)\n{label}"
+        + (
+            f"\nanswering extrapolated from a time budget for: {', '.join(extrapolated)}"
+            if extrapolated
+            else ""
+        ),
         fontsize=9.5,
     )
     return plots.save_figure(fig, out, "cost")
@@ -218,7 +232,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         "--n-prefs", type=int, default=1000, help="preferences answered per T (default 1000)"
     )
     ap.add_argument(
-        "--repeats", type=int, default=1, help="fresh-cache repeats per T; the median is plotted"
+        "--repeats",
+        type=int,
+        default=3,
+        help="fresh-cache repeats per T (default 3); the median is plotted, the min-max as a band",
     )
     ap.add_argument(
         "--query-budget",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -69,13 +70,11 @@ def preference_vector(
 def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from pipeline.checkpoints import load_safetensors, load_torch_weights
+
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
+        state = load_safetensors(path)
     else:
-        from pipeline.checkpoints import load_torch_weights
-
         state = load_torch_weights(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
@@ -84,6 +83,17 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if state and all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse to write a model with NaN/inf weights, naming the first offending entries."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(
+            f"the folded model has non-finite weights in {len(bad)} tensor(s) ({', '.join(bad[:5])}"
+            f"{' ...' if len(bad) > 5 else ''}); nothing was written. Check {source} and the "
+            "statistics (a NaN/inf there propagates through the fold)"
+        )
 
 
 def build_model(name: str | None, config: Path | None) -> torch.nn.Module:
@@ -176,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         target = model if full else model.visual
         check_architecture(folded, target, args)
         target.load_state_dict(folded, strict=True)
-    except (ValueError, FileNotFoundError) as e:
+        out = {k: v.detach().contiguous() for k, v in target.state_dict().items()}
+        check_finite(out, args.checkpoint)
+    except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
         ap.exit(2, f"fold_checkpoint: error: {e}\n")
 
     from safetensors.torch import save_file
@@ -189,7 +201,6 @@ def main(argv: list[str] | None = None) -> int:
         "react_beta": repr(stats[0].beta if args.beta is None else args.beta),
         "layout": "open_clip_full" if full else "open_clip_visual",
     }
-    out = {k: v.detach().contiguous() for k, v in target.state_dict().items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(args.out), metadata=meta)
     kind = "full CLIP" if full else "image-tower (model.visual)"

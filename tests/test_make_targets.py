@@ -53,7 +53,7 @@ SCRIPT_FLAGS = {
     "tsne": ["--max-per-task", "24"],
 }
 MULTIRUN = {  # target -> (experiment name, swept values)
-    "table1": ("table1", 6),
+    "table1": ("table1", 7),
     "ablation-beta": ("ablation_beta", 7),
     "ablation-data": ("ablation_data", 6),
     "ablation-aggregation": ("ablation_aggregation", 3),
@@ -72,8 +72,10 @@ def dirs(tmp_path_factory) -> dict[str, Path]:
     return {"cache": base / "cache", "out": base / "out"}
 
 
-def make_command(target: str, args: list[str]) -> list[str]:
-    """The command ``make <target>`` runs (argv), read with ``make -n``."""
+def make_command(
+    target: str, args: list[str], variables: tuple[str, ...] = ("SUITE=offline_tiny",)
+) -> list[str]:
+    """The command ``make <target> <variables>`` runs (argv), read with ``make -n``."""
     proc = subprocess.run(
         [
             "make",
@@ -81,7 +83,7 @@ def make_command(target: str, args: list[str]) -> list[str]:
             "-o",
             ".venv/.installed",
             target,
-            "SUITE=offline_tiny",
+            *variables,
             f"PY={sys.executable}",
             f"ARGS={shlex.join(args)}",
         ],
@@ -153,7 +155,7 @@ def collect(folder: Path) -> pd.DataFrame:
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (folder / "collected.md").is_file() and "| overrides |" in proc.stdout
+    assert (folder / "collected.md").is_file() and "## Table 1" in proc.stdout
     return pd.read_csv(folder / "collected.csv")
 
 
@@ -180,10 +182,24 @@ def test_multirun_target(target, dirs):
         got = df[
             (df.job.astype(str) == job.name)
             & (df.row == "react (equal)")
-            & (df.metric == "average_accuracy")
+            & (df.metric == "accuracy")
+            & (df.task == "average")
         ].value
         assert got.item() == pytest.approx(100 * eq, abs=1e-3)
+    # the paper-shaped table: one row per swept value, in sweep order, and its plot
+    table = pd.read_csv(sweep / ("table1.csv" if target == "table1" else "sweep.csv"))
+    assert len(table) == n_jobs and table.iloc[:, 0].nunique() == n_jobs
+    assert list((sweep / "plots").glob("sweep_*.png"))
     if target == "table1":
+        assert list(table.columns) == [
+            "merge",
+            "method",
+            "merged",
+            "equal",
+            "priority",
+            "one-hot",
+            "expert",
+        ]
         assert set(df["merge"]) == {
             "adamerging_pp",
             "adamerging",
@@ -191,6 +207,7 @@ def test_multirun_target(target, dirs):
             "task_arithmetic",
             "lot",
             "weight_average",
+            "pretrained",
         }
 
 

@@ -14,7 +14,7 @@ import open_clip
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline import checkpoints as ckpt
 from pipeline.cache import Cache
@@ -107,6 +107,26 @@ def hf_expert(path: Path, seed: int):
     return model
 
 
+def hf_clip(path: Path, seed: int):
+    """A whole transformers CLIPModel (with projection, like openai/clip-vit-base-patch32),
+    its vision tower shaped as ``hf_expert``'s."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, max_position_embeddings=32),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, image_size=32, patch_size=8,
+                               hidden_act="quick_gelu"),
+            projection_dim=CLIP_KWARGS["embed_dim"],
+        )
+    ).eval()  # fmt: skip
+    model.save_pretrained(path)
+    return model
+
+
 def make_cfg(root: Path, **over) -> dict:
     cfg = {
         "name": "paper8",
@@ -128,7 +148,11 @@ def make_cfg(root: Path, **over) -> dict:
             "experts": {
                 "source": "hf",
                 "pretrained": None,
-                "hf": {"template": str(root / "hf" / "{task}"), "revision": None},
+                "hf": {
+                    "template": str(root / "hf" / "{task}"),
+                    "pretrained": None,
+                    "revision": None,
+                },
                 "task_vectors": {"root": None},
                 "state_dict": {"template": None},
                 "overrides": {
@@ -316,14 +340,20 @@ def test_real_backbones_resolve_to_quickgelu_and_name_the_hub(empty_hf_cache):
         assert b.image_size == 224
         cfg = paper8._as_config(suite_cfg, bcfg)
         pre, refs = paper8.checkpoint_refs(cfg)
-        assert pre is None
+        # the pretrained tower: by default the hub weights the experts were fine-tuned from
+        assert (pre.kind, pre.location) == ("hf", f"openai/{arch}")
         assert {t: r.location for t, r in refs.items()} == {
             t: f"tanganke/{arch}_{s}" for t, s in hf_names.items()
         }
         with pytest.raises(ckpt.MissingResourceError) as err:
             paper8.check_sources(cfg)
-        assert len(err.value.missing) == 17  # weights + 8 datasets + 8 experts
+        assert (
+            len(err.value.missing) == 18
+        )  # open_clip weights + hub tower + 8 datasets + 8 experts
         assert f"open_clip.create_model('{name}-quickgelu', pretrained='openai')" in str(err.value)
+        assert f"hf download openai/{arch}" in str(err.value)
+        cfg.backbone.experts.pretrained = "open_clip"  # the other choice
+        assert paper8.checkpoint_refs(cfg)[0] is None
     # the task-vectors release layout
     cfg = paper8._as_config(
         suite_cfg,
@@ -420,3 +450,125 @@ def test_task_vectors_source_takes_the_pretrained_tower_from_zeroshot_pt(world):
     assert s.info["pretrained"]["location"].endswith("zeroshot.pt")
     computed = {stage for stage, _, what in cache.events if what == "computed"}
     assert computed == {"paper8_pretrained", "paper8_expert"}  # images, backbone, heads reused
+
+
+def test_hf_source_takes_the_pretrained_tower_from_the_experts_hub_family(world):
+    """experts.source=hf, experts.pretrained=null: theta_0 is experts.hf.pretrained (a whole
+    transformers CLIP, mapped to open_clip keys), which also completes the experts' missing
+    projection; experts.pretrained=open_clip gives the open_clip weights instead."""
+    hub = hf_clip(world.root / "hf_pretrained", seed=7)
+    cfg = make_cfg(world.root)
+    cfg.backbone.experts.hf.pretrained = str(world.root / "hf_pretrained")
+    s = paper8.build(cfg, Cache(world.root / "cache"), progress=False)
+    x = s.preprocess(torch.from_numpy(np.array(s.split("MNIST", "test")[0])))
+    visual = s.build_visual().eval()
+    visual.load_state_dict(s.pretrained_state())
+    with torch.no_grad():
+        assert torch.allclose(
+            visual(x),
+            hub.visual_projection(hub.vision_model(pixel_values=x).pooler_output),
+            atol=1e-5,
+        )
+        proj = hub.visual_projection.weight.t()
+        assert torch.equal(s.pretrained_state()["proj"], proj)
+        assert torch.equal(s.expert_state("MNIST")["proj"], proj)  # completes the HF expert
+        visual.load_state_dict(s.expert_state("MNIST"))
+        ref = world.experts["MNIST"](pixel_values=x).pooler_output @ proj
+        assert torch.allclose(visual(x), ref, atol=1e-5)
+    assert s.info["pretrained_tower"].startswith(str(world.root / "hf_pretrained"))
+    assert "transformers CLIP checkpoint" in s.info["pretrained_tower"]
+    cfg.backbone.experts.pretrained = "open_clip"
+    other = paper8.build(cfg, Cache(world.root / "cache"), progress=False)
+    assert all(
+        torch.equal(other.pretrained_state()[k], v)
+        for k, v in world.clip.visual.state_dict().items()
+    )
+    assert other.info["pretrained_tower"].startswith("open_clip")
+
+
+@pytest.mark.slow
+def test_make_table1_paper8_vit_b32_on_local_stand_ins(world, tmp_path):
+    """`make table1 SUITE=paper8 BACKBONE=vit_b32` (the Makefile's own command line) on tiny
+    stand-ins of the real sources: FusionBench-like CLIPVisionModel experts (no projection)
+    and a whole transformers CLIP as the hub pretrained tower, with the config's defaults
+    (pretrained tower from the experts' hub family, the original TIES conventions)."""
+    import json
+    import os
+    import subprocess
+
+    from safetensors import safe_open
+    from test_make_targets import make_command
+
+    import merging
+
+    for seed, task in enumerate(TASKS):
+        hf_expert(tmp_path / "hf" / task, 20 + seed)
+    hub = hf_clip(tmp_path / "hub_pretrained", seed=21)
+    v, t = CLIP_KWARGS["vision_cfg"], CLIP_KWARGS["text_cfg"]
+    kwargs = (
+        f"{{embed_dim:{CLIP_KWARGS['embed_dim']},quick_gelu:true,"
+        f"vision_cfg:{{{','.join(f'{k}:{x}' for k, x in v.items())}}},"
+        f"text_cfg:{{{','.join(f'{k}:{x}' for k, x in t.items())}}}}}"
+    )
+    args = [
+        "logger=disabled", "progress=false", "num_threads=1", "device=cpu", "++merge.steps=2",
+        f"suite.tasks=[{','.join(TASKS)}]", f"suite.data_root={world.root / 'data'}",
+        f"suite.max_per_split={MAX}", "suite.num_workers=0", "suite.device=cpu",
+        "suite.text_batch_size=7", "backbone.model_name=null", f"backbone.clip_kwargs={kwargs}",
+        f"backbone.pretrained={world.root / 'pretrained.safetensors'}",
+        f"backbone.experts.hf.template='{tmp_path / 'hf' / '{task}'}'",
+        f"backbone.experts.hf.pretrained={tmp_path / 'hub_pretrained'}",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cmd = make_command("table1", args, ("SUITE=paper8", "BACKBONE=vit_b32"))
+    assert "suite=paper8" in cmd and "backbone=vit_b32" in cmd
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+
+    (sweep,) = (tmp_path / "out" / "multirun" / "table1").iterdir()
+    summaries = {}
+    for job in sorted(sweep.glob("[0-9]*/summary.json")):
+        summary = json.loads(job.read_text())
+        summaries[summary["merge"]["name"]] = (summary, (job.parent / "report.md").read_text())
+    assert set(summaries) == {
+        "adamerging_pp", "adamerging", "ties", "task_arithmetic", "lot", "weight_average"
+    }  # fmt: skip
+    assert (sweep / "collected.md").is_file()
+    for name, (summary, report) in summaries.items():
+        assert summary["backbone"] == "vit_b32" and summary["tasks"] == TASKS
+        assert summary["pretrained_tower"].startswith(str(tmp_path / "hub_pretrained"))
+        assert f"Pretrained tower: {summary['pretrained_tower']}" in report
+        if name in ("ties", "adamerging_pp"):
+            assert (summary["merge"]["keep_rule"], summary["merge"]["zero_sign"]) == (
+                "floor_plus_one",
+                "majority",
+            )
+            assert "int(0.2 N) + 1" in summary["merge_conventions"]
+            assert "majority sign" in summary["merge_conventions"]
+            assert f"Merge: {summary['merge_conventions']}" in report
+        else:
+            assert summary["merge_conventions"] is None and "Merge:" not in report
+
+    # the cached tower and experts: theta_0 is the hub CLIP's tower, whose projection also
+    # completes the experts; the TIES job merged exactly merging.ties with the defaults
+    def only(stage: str, file: str) -> list[Path]:
+        return sorted((tmp_path / "cache" / stage).glob(f"*/{file}"))
+
+    (pre_file,) = only("paper8_pretrained", "pretrained.safetensors")
+    pre = load_file(str(pre_file))
+    proj = hub.visual_projection.weight.detach().t()
+    assert torch.equal(pre["proj"], proj)
+    experts = {}
+    for f in only("paper8_expert", "expert.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            experts[json.loads(h.metadata()["task"])] = load_file(str(f))
+    assert sorted(experts) == sorted(TASKS)
+    assert all(torch.equal(e["proj"], proj) for e in experts.values())
+    merged = {}
+    for f in only("merge", "merged.safetensors"):
+        with safe_open(str(f), framework="pt") as h:
+            merged[json.loads(h.metadata()["merge"])["name"]] = load_file(str(f))
+    want = merging.ties(pre, [experts[t] for t in TASKS], scale=0.3, density=0.2)
+    assert all(torch.equal(merged["ties"][k], want[k]) for k in want)
+    assert torch.equal(merged["ties"]["proj"], proj)  # no task vector: not merged, not counted

@@ -209,10 +209,6 @@ def test_one_hot_recovers_expert_under_exact_linear_distortion(tmp_path, cache_d
     summary = pm.run(cfg, tmp_path / "run")
     expert = summary["reference"]["expert"]
     one_hot = summary["scenarios"]["react"]["one_hot"]
-    merged = summary["reference"]["merged (task_arithmetic)"]
-    assert any(
-        abs(merged[t] - expert[t]) > 0.02 for t in summary["tasks"]
-    )  # the distortion matters
     for task in summary["tasks"]:
         assert one_hot[task] == pytest.approx(expert[task], abs=1e-9)
     # and the corrected features themselves equal the expert's
@@ -222,9 +218,12 @@ def test_one_hot_recovers_expert_under_exact_linear_distortion(tmp_path, cache_d
     for t, task in enumerate(ctx.tasks):
         z_m = ctx.features(ctx.merged, task, "test").double()
         z_e = ctx.features(ctx.expert_ref(task), task, "test").double()
+        assert (z_m - z_e).norm() > 0.1 * z_e.norm()  # the distortion matters
         W = react.task_map(method.stats[t]).double()
+        # float32 features through a near-unregularised solve (beta 1e-9): exact up to the
+        # features' conditioning (the tiny mini-CLIP's calibration Gram is ill-conditioned)
         torch.testing.assert_close(
-            react.apply(W, z_m), z_e, atol=1e-4 * float(z_e.abs().max()), rtol=0
+            react.apply(W, z_m), z_e, atol=2e-3 * float(z_e.abs().max()), rtol=0
         )
 
 
@@ -249,7 +248,7 @@ def test_changed_config_invalidates_exactly_downstream(tmp_path, cache_dir, entr
             cache,
             torch.device("cpu"),
             _mkdir(tmp_path / name),
-            pm.Tracker(cfg.logger, tmp_path, {}, group="t", name="t"),
+            pm.Tracker.for_job(cfg, tmp_path),
         )
         return _events(cache)
 

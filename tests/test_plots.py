@@ -168,7 +168,9 @@ def test_scenario_bars_values_and_labels(tmp_path):
     fig = plots.scenario_bars_figure(table)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["equal", "priority", "one-hot"]
-    assert ax.get_ylabel() == "average accuracy (%)"
+    # the value axis starts near the data (said on the axis), so 1-point gaps are visible
+    assert ax.get_ylabel() == "average accuracy (%), axis from 80"
+    assert ax.get_ylim()[0] == 80 and ax.get_ylim()[1] > 88.9
     heights = [round(r.get_height(), 6) for r in ax.patches]
     assert heights == [
         85.4,
@@ -180,6 +182,98 @@ def test_scenario_bars_values_and_labels(tmp_path):
     ]  # ReACT bars then PM bars, scenario order
     annotations = {t.get_text() for t in ax.texts}
     assert {"85.4", "88.9", "83.6"} <= annotations
+
+
+def test_simplex_maps_of_two_methods_share_one_scale_per_task():
+    """Side-by-side maps must not look alike when the numbers differ: with
+    ``simplex_limits`` each task's colour range spans both methods."""
+    results, preferences, _ = _frames()
+    limits = plots.simplex_limits(results, TASKS[:3])
+    sub = results[(results.pref_set == "simplex3") & (results.task == "Cars")]
+    assert limits["Cars"] == pytest.approx((100 * sub.accuracy.min(), 100 * sub.accuracy.max()))
+    ranges = []
+    for method in ("ReACT", "preference TA"):
+        fig = plots.simplex_maps_figure(
+            results, preferences, TASKS[:3], method=method, limits=limits
+        )
+        ranges.append([fig.axes[i].collections[0].get_clim() for i in range(4)])
+        assert "shared by every method" in fig._suptitle.get_text()
+    assert ranges[0] == ranges[1]
+    assert ranges[0][0] == pytest.approx(limits["Cars"])
+    # plot_simplex_maps shares the scale across the methods of its results by itself
+    own = plots.simplex_maps_figure(results, preferences, TASKS[:3], method="preference TA")
+    assert own.axes[0].collections[0].get_clim() != pytest.approx(limits["Cars"])
+
+
+def test_display_names_in_legends():
+    results, preferences, reference = _frames(methods=(("react", 0.9), ("pref_ta", 0.5)))
+    fig = plots.pairwise_fronts_figure(results, preferences, reference, TASKS)
+    labels = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"ReACT", "preference-weighted TA"} <= labels and "pref_ta" not in labels
+
+
+def test_cost_figure_colour_per_method_style_per_phase_legend_outside(tmp_path):
+    rows = []
+    for m, base in (("react", 0.3), ("pareto_merging", 10.0)):
+        for T in (2, 3, 4):
+            for phase, k in (("offline", 1.0), ("offline + 100 preferences", 5.0)):
+                s = base * k * T
+                rows.append((m, T, phase, s, 0.8 * s, 1.3 * s))
+    cost = pd.DataFrame(
+        rows, columns=["method", "n_tasks", "phase", "seconds", "seconds_min", "seconds_max"]
+    )
+    fig = plots.cost_figure(cost)
+    _check_files(plots.save_figure(fig, tmp_path, "cost"), min_kb=10)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {
+        "ReACT: offline",
+        "ReACT: offline + 100 preferences",
+        "Pareto Merging: offline",
+        "Pareto Merging: offline + 100 preferences",
+    }
+    assert (
+        lines["ReACT: offline"].get_color() == lines["ReACT: offline + 100 preferences"].get_color()
+    )
+    assert lines["ReACT: offline"].get_color() != lines["Pareto Merging: offline"].get_color()
+    assert (
+        lines["ReACT: offline"].get_linestyle()
+        != lines["ReACT: offline + 100 preferences"].get_linestyle()
+    )
+    assert len(ax.collections) == 4  # a min-max band per line
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.x0 >= ax.get_window_extent(renderer).x1  # outside the data, right of the axes
+
+
+def test_sweep_figure_orders_values_and_marks_uneven_axes(tmp_path):
+    table = pd.DataFrame(
+        {
+            "correction.beta": ["inf", "0", "0.1", "10"],
+            "method": ["react"] * 4,
+            "merged": [79.2] * 4,
+            "equal": [80.6, 76.4, 79.8, 81.5],
+            "priority": [81.0, 77.0, 80.5, 82.0],
+            "one-hot": [83.5, 85.4, 87.0, 85.1],
+            "HV@3": [75.4, 68.3, 77.1, 77.5],
+            "HV@all": [75.9, 67.5, 77.0, 78.7],
+        }
+    )
+    paths = plots.plot_sweep(table, "correction.beta", tmp_path)
+    _check_files(paths, min_kb=10)
+    assert paths[0].name == "sweep_correction.beta.png"
+    fig = plots.sweep_figure(table, "correction.beta")
+    acc, hv = fig.axes[0], fig.axes[1]
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["0", "0.1", "10", "inf"]
+    assert "not to scale" in acc.get_xlabel()
+    equal = next(ln for ln in acc.get_lines() if ln.get_label() == "ReACT, equal")
+    assert list(equal.get_ydata()) == [76.4, 79.8, 81.5, 80.6]  # in numeric order of beta
+    assert any(ln.get_label() == "merged model alone" for ln in acc.get_lines())
+    assert {ln.get_label() for ln in hv.get_lines()} == {"ReACT, HV@3", "ReACT, HV@all"}
+    sizes = table.assign(**{"calibration.size": ["0.01", "0.1", "0.5", "1.0"]})
+    assert plots.sweep_figure(sizes, "calibration.size").axes[0].get_xscale() == "log"
 
 
 def test_cost_plot(tmp_path):
@@ -224,3 +318,42 @@ def test_bad_inputs():
         plots.scenario_bars_figure(dup)
     with pytest.raises(ValueError, match="metric must be"):
         plots.pairwise_fronts_figure(results, preferences, reference, TASKS, metric="loss")
+
+
+def test_docs_figures_copies_from_the_newest_complete_run(tmp_path):
+    """`make docs-figures` ends with scripts/docs_figures.py: each README figure from the
+    newest complete run of its target; an incomplete newer run is passed over, and a figure
+    whose target never ran is named with its make target (exit code 1)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    runs = tmp_path / "outputs" / "runs" / "compare"
+    for name, content, complete in (
+        ("2026-01-01_00-00-00", b"old", True),
+        ("2026-01-02_00-00-00", b"cut", False),
+    ):
+        (runs / name / "plots").mkdir(parents=True)
+        (runs / name / "plots" / "pairwise_fronts_accuracy.png").write_bytes(content)
+        if complete:
+            (runs / name / "run_complete.json").write_text("{}")
+    dest = tmp_path / "figures"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "scripts/docs_figures.py",
+            "--outputs",
+            str(tmp_path / "outputs"),
+            "--dest",
+            str(dest),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert (dest / "pairwise_fronts.png").read_bytes() == b"old"
+    assert "cost.png: run `make fig-cost`" in proc.stderr
+    assert "sweep_beta.png: run `make ablation-beta`" in proc.stderr

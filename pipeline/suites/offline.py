@@ -20,9 +20,10 @@ Everything is a cache unit, so it is built once and reused:
     offline_heads          zero-shot text heads (or prototypes), one (C, D) per task
     offline_expert[task]   fine-tuned image tower under the task's frozen head
 
-Each unit's key material is its own config subtree, the keys of the units it reads and a
-code version below (bump it when that stage's code changes), so e.g. a new
-``finetune.steps`` rebuilds the experts only.
+Each unit's key material is its own config subtree, the keys of the units it reads and the
+code version of the modules that compute it (``pipeline.codeversion``), so e.g. a new
+``finetune.steps`` rebuilds the experts only, and an edit of ``offline_text.py`` rebuilds
+the mini-CLIP and everything after it.
 
 Entry point: ``build(cfg, cache, progress=True) -> Suite`` with ``cfg`` the ``suite`` config
 node (``configs/suite/offline.yaml``).
@@ -40,21 +41,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..cache import Cache, Unit, stable_hash
+from ..codeversion import code_version
 from ..suite import Suite, save_state, write_model_config
 from . import offline_data, offline_text, offline_train
 
 log = logging.getLogger(__name__)
 
-# Version of each stage's code: part of the cache key, bump on any change to what it computes.
-CODE_VERSIONS = {
-    "dataset": "offline-dataset-1",
-    "images": "offline-images-1",
-    "pretrained": "offline-pretrained-1",
-    "heads": "offline-heads-1",
-    "clip": "offline-clip-1",
-    "text_heads": "offline-text-heads-1",
-    "expert": "offline-expert-1",
+# Code version of each unit: a hash of the source of the modules that compute it (plus this
+# builder), part of the cache key, so editing one recomputes exactly the units it produces.
+_UNIT_CODE = {
+    "dataset": ("pipeline.suites.offline_data", "pipeline.suites.offline_sources"),
+    "images": ("pipeline.suites.offline_data", "pipeline.suite"),
+    "pretrained": ("pipeline.suites.offline_train", "pipeline.suite"),
+    "heads": ("pipeline.suites.offline_train", "pipeline.suite"),
+    "clip": ("pipeline.suites.offline_train", "pipeline.suites.offline_text", "pipeline.suite"),
+    "text_heads": ("pipeline.suites.offline_train", "pipeline.suites.offline_text"),
+    "expert": ("pipeline.suites.offline_train", "pipeline.suite"),
 }
+CODE_VERSIONS = {k: code_version(__name__, *mods) for k, mods in _UNIT_CODE.items()}
 
 
 def _plain(node) -> Any:

@@ -52,6 +52,7 @@ from omegaconf import DictConfig, OmegaConf
 from .. import checkpoints as ckpt
 from ..cache import Cache, Unit, stable_hash
 from ..checkpoints import CheckpointRef, Resource
+from ..codeversion import code_version
 from ..suite import SPLITS, Suite, preprocess_pil, save_state
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,16 @@ TASKS_FILE = Path(__file__).with_name("paper8_tasks.json")
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 SOURCES = ("hf", "task_vectors", "state_dict")
-CODE_VERSIONS = {
-    "images": "paper8-images-1",
-    "backbone": "paper8-backbone-1",
-    "pretrained": "paper8-pretrained-1",
-    "expert": "paper8-expert-1",
-    "head": "paper8-head-1",
-    "heads": "paper8-heads-1",
+# per unit, the modules whose code computes it (their source hash is in the unit's key)
+_UNIT_CODE = {
+    "images": ("pipeline.suite",),
+    "backbone": ("pipeline.suite",),
+    "pretrained": ("pipeline.checkpoints", "pipeline.suite"),
+    "expert": ("pipeline.checkpoints", "pipeline.suite"),
+    "head": ("pipeline.zeroshot",),
+    "heads": (),
 }
+CODE_VERSIONS = {k: code_version(__name__, *mods) for k, mods in _UNIT_CODE.items()}
 _CHUNK = 64  # images per decoding task
 
 
@@ -209,9 +212,7 @@ def _looks_like_path(s: str) -> bool:
 
 def _load_state(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        state = load_file(path)
+        state = ckpt.load_safetensors(path)
     else:
         state = ckpt.load_torch_weights(path)
         state = state.get("state_dict", state)
@@ -245,9 +246,12 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
     - ``task_vectors``: ``<experts.task_vectors.root>/<Task>/finetuned.pt``;
     - ``state_dict``: ``experts.state_dict.template.format(task=..., suffix=...)``.
     ``experts.overrides.<Task>: {source, location}`` replaces one task's expert.
-    ``experts.pretrained``: null (task_vectors: ``<root>/zeroshot.pt``; else the open_clip
-    weights), ``open_clip``, or a location read in the experts' format (a ``.safetensors`` file
-    is always read as a state dict, a folder or hub id as transformers).
+    ``experts.pretrained``: null (the experts' own family: task_vectors ``<root>/zeroshot.pt``;
+    hf ``experts.hf.pretrained``, e.g. ``openai/clip-vit-base-patch32``, the hub weights the
+    FusionBench experts were fine-tuned from, or the open_clip weights when that is null;
+    state_dict the open_clip weights), ``open_clip``, or a location read in the experts'
+    format (a ``.safetensors`` file is always read as a state dict, a folder or hub id as
+    transformers).
     """
     e = cfg.backbone.get("experts") or {}
     source = e.get("source")
@@ -277,6 +281,8 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
                 "task_vectors",
                 str(Path(_required(e, "task_vectors", "root")) / "zeroshot.pt"),
             )
+        elif source == "hf" and (e.get("hf") or {}).get("pretrained"):
+            pre_ref = CheckpointRef("pretrained", "hf", str(e.hf.pretrained))
     elif str(pre) == "open_clip":
         pre_ref = None
     else:
@@ -289,6 +295,19 @@ def checkpoint_refs(cfg: DictConfig) -> tuple[CheckpointRef | None, dict[str, Ch
             kind = "hf"
         pre_ref = CheckpointRef("pretrained", kind, pre, (e.get("hf") or {}).get("revision"))
     return pre_ref, refs
+
+
+def describe_pretrained(pre_ref: CheckpointRef | None, backbone: Backbone) -> str:
+    """Where the pretrained image tower (theta_0 of every task vector) came from, in words."""
+    if pre_ref is None:
+        name = backbone.model_config.get("model_name", "custom CLIP")
+        return f"open_clip {name} weights {backbone.pretrained!r}"
+    what = {
+        "hf": "a transformers CLIP checkpoint, mapped to open_clip keys",
+        "task_vectors": "a task-vectors release checkpoint",
+        "state_dict": "a state-dict file",
+    }[pre_ref.kind]
+    return f"{pre_ref.location} ({what}); zero-shot heads from the open_clip text tower"
 
 
 def _required(e, section: str, key: str) -> str:
@@ -820,6 +839,7 @@ def build(cfg, cache: Cache, progress: bool = True) -> Suite:
             "image_size": backbone.image_size,
         },
         "pretrained": dataclasses.asdict(pre_ref) if pre_ref else "open_clip weights",
+        "pretrained_tower": describe_pretrained(pre_ref, backbone),
         "experts": {
             t: {**dataclasses.asdict(expert_refs[t]), **manifests[f"expert/{t}"]["extra"]}
             for t in tasks
