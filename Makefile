@@ -25,7 +25,7 @@ SCRIPT_ARGS = suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) $(ARGS)
 
 .PHONY: venv demo test test-fast test-reliability bench lint format clean-cache \
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
-        ablation-aggregation tsne compare diagnostics bounds docs-figures
+        ablation-aggregation tsne compare diagnostics bounds docs-figures time-targets
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -53,6 +53,7 @@ bench: venv
 	$(PY) bench/bench_react.py
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_pipeline.py
+	$(PY) bench/bench_preference_models.py
 
 lint: venv
 	$(PY) -m ruff check .
@@ -100,3 +101,8 @@ diagnostics: venv
 # oracle reference rows: ReACT on the whole test set, best linear maps trained with labels
 bounds: venv
 	$(PY) scripts/linear_bounds.py $(SCRIPT_ARGS)
+
+# every paper target at full and FAST=1 settings, timed (TIME_ARGS="--targets compare ...");
+# a markdown table in outputs/time_targets.md
+time-targets: venv
+	$(PY) scripts/time_targets.py $(TIME_ARGS)

@@ -18,10 +18,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 import merging
-from pipeline.cache import stable_hash
 from pipeline.merge import IndexedImages
-from pipeline.methods import Method, model_accuracies, register
-from pipeline.stages import Context, ModelRef, calibration_split
+from pipeline.methods import Method, models_accuracies, register
+from pipeline.stages import Context, calibration_split
 from pipeline.suite import normalize_images
 
 from . import map as map_lib
@@ -88,14 +87,11 @@ class ParetoMerging(Method):
         self._offline_passes = self.cost["forward_passes"]
         self.cost["offline_seconds"] += time.perf_counter() - t0
 
-    def model(self, ctx: Context, p: np.ndarray) -> ModelRef:
-        base = ctx.merged.state()
-        key = f"{self.name}:{self.key}:{stable_hash(np.round(p, 12).tolist())}"
-        return ModelRef(key, self.name, lambda: pm.apply_factors(base, self.factors, p))
-
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        out = np.stack([model_accuracies(ctx, self.model(ctx, p)) for p in prefs])
+        base = ctx.merged.state()
+        states = (pm.apply_factors(base, self.factors, p) for p in prefs)
+        out = models_accuracies(ctx, states, self.name)
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)
@@ -159,14 +155,11 @@ class MAP(Method):
         self.cost["offline_seconds"] += time.perf_counter() - t0
 
     def _accuracies(self, ctx: Context, scaling: np.ndarray, split: str, label: str) -> np.ndarray:
-        """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (features cached per scaling)."""
+        """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (the fit and the sweep are
+        cached units; the merges themselves are not kept)."""
         s = np.round(np.asarray(scaling, dtype=np.float64), 12).tolist()
-        ref = ModelRef(
-            f"map:{ctx.suite.key}:{self.code_version()}:{stable_hash(s)}",
-            label,
-            lambda: merging.weighted_task_arithmetic(*ctx.task_vector_inputs, s),
-        )
-        return model_accuracies(ctx, ref, split)
+        state = merging.weighted_task_arithmetic(*ctx.task_vector_inputs, s)
+        return models_accuracies(ctx, [state], label, split)[0]
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()

@@ -20,6 +20,9 @@ from .adamerging import (
     load_coefficients,
     save_coefficients,
 )
+from .adamerging import (
+    converged as adamerging_converged,
+)
 from .lot import lot_merging
 from .task_arithmetic import (
     apply,
@@ -34,6 +37,7 @@ from .ties import ties, ties_process, ties_trim
 __all__ = [
     "AdaMergingResult",
     "adamerging",
+    "adamerging_converged",
     "adamerging_pp",
     "apply",
     "apply_adamerging_coefficients",

@@ -126,6 +126,8 @@ def adamerging(
     device: torch.device | str | None = None,
     coefficients: torch.Tensor | AdaMergingResult | None = None,
     progress: bool = True,
+    tol: float | None = None,
+    window: int = 25,
 ) -> AdaMergingResult:
     """Learn AdaMerging coefficients (or apply given ones) and return the merged model.
 
@@ -139,6 +141,9 @@ def adamerging(
     (``merging.ties``; defaults: the original TIES code's, as AdaMerging++ used).
     ``coefficients``: skip training and apply these ((T,) / (T, L) tensor, or a result from
     ``load_coefficients``, whose granularity and ties setting must match).
+    ``tol``: stop before ``steps`` once the entropy has converged: the mean entropy of the
+    last ``window`` steps is less than ``tol`` (relative) below that of the ``window`` before
+    (``converged``); ``len(entropy_history)`` is the number of steps used. None: all steps.
     """
     check_pretrained_and_experts(pretrained, experts)
     if granularity not in GRANULARITIES:
@@ -164,7 +169,7 @@ def adamerging(
             pretrained, vectors, float_keys, encoder, heads, unlabeled,
             granularity=granularity, steps=int(steps), lr=float(lr), batch_size=int(batch_size),
             init=float(init), logit_scale=float(logit_scale), prepare=prepare, seed=int(seed),
-            device=device, progress=progress,
+            device=device, progress=progress, tol=tol, window=int(window),
         )  # fmt: skip
     else:
         lam = given.detach().to("cpu", torch.float32).clone()
@@ -208,6 +213,8 @@ def _train(
     seed: int,
     device: torch.device | str | None,
     progress: bool,
+    tol: float | None = None,
+    window: int = 25,
 ) -> tuple[torch.Tensor, list[float]]:
     from tqdm.auto import tqdm
 
@@ -248,7 +255,20 @@ def _train(
             lam.clamp_(0.0, 1.0)
         history.append(total / n_tasks)
         bar.set_postfix(entropy=f"{history[-1]:.4f}")
+        if tol is not None and converged(history, tol, window):
+            break
+    bar.close()
     return lam.detach().to("cpu"), history
+
+
+def converged(history: Sequence[float], tol: float, window: int) -> bool:
+    """The mean of the last ``window`` values is less than ``tol`` (relative) below the mean
+    of the ``window`` before them (an entropy that stopped falling)."""
+    if window < 1 or len(history) < 2 * window:
+        return False
+    last = sum(history[-window:]) / window
+    before = sum(history[-2 * window : -window]) / window
+    return before - last < tol * abs(before)
 
 
 class _EpochSampler:

@@ -189,7 +189,8 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         with ctx.timed("fit"):
             method.fit(ctx)
         stat_files[name] = [method.stats_path] if getattr(method, "stats_path", None) else []
-        with ctx.timed("sweep"):
+        total = sum(len(p) for p in method_sets.values())
+        with ctx.timed("sweep"), ctx.preference_bar(name, total):
             frames += [sweep(ctx, method, s, p, reference) for s, p in method_sets.items()]
         cost_rows.append({"method": name, **method.cost, "device": str(device)})
     with ctx.timed("evaluate"):

@@ -7,6 +7,7 @@ with the same config skips the training.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .cache import Cache, Unit
 from .codeversion import merge_code
 from .suite import Suite, normalize_images, save_state
 
+log = logging.getLogger("react")
 MERGES = (
     "task_arithmetic",
     "ties",
@@ -136,11 +138,24 @@ def run_merge(cfg, suite: Suite, cache: Cache, device: torch.device, progress: b
                 seed=cfg.seed,
                 device=device,
                 progress=progress,
+                tol=cfg.get("converge_tol"),
+                window=int(cfg.get("converge_window", 25)),
             )
             merged = res.state_dict
             merging.save_coefficients(out / "coefficients.safetensors", res)
             extra["final_entropy"] = float(res.entropy_history[-1]) if res.entropy_history else None
-            extra["forward_passes"] = int(cfg.steps) * len(suite.tasks) * int(cfg.batch_size)
+            extra["steps_used"] = len(res.entropy_history)
+            extra["forward_passes"] = (
+                len(res.entropy_history) * len(suite.tasks) * int(cfg.batch_size)
+            )
+            log.info(
+                "%s: %d of %d steps (%s), final entropy %.4f",
+                cfg.name,
+                len(res.entropy_history),
+                int(cfg.steps),
+                "entropy converged" if len(res.entropy_history) < int(cfg.steps) else "all steps",
+                res.entropy_history[-1] if res.entropy_history else float("nan"),
+            )
         elif cfg.name == "lot":
             rng = np.random.default_rng(cfg.seed)
             exemplars = []

@@ -11,6 +11,7 @@ extraction. Adding a method = a class here (or in ``baselines``) plus an entry i
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -152,26 +153,59 @@ class PreferenceTaskArithmetic(Method):
 
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        out = np.zeros((len(prefs), len(ctx.tasks)))
-        for i, p in enumerate(prefs):
-            recipe = {
-                "suite": ctx.suite.key,
-                "p": np.round(p, 12).tolist(),
-                "scale": self.cfg.scale,
-                "code": self.code_version(),
-            }
-            ref = ModelRef(
-                f"pref_ta:{_hash(recipe)}",
-                "pref_ta",
-                lambda p=p: merging.preference_task_arithmetic(
-                    *ctx.task_vector_inputs, p.tolist(), scale=self.cfg.scale
-                ),
-            )
-            out[i] = model_accuracies(ctx, ref)
+        pre, experts = ctx.task_vector_inputs
+        states = (
+            merging.preference_task_arithmetic(pre, experts, p.tolist(), scale=self.cfg.scale)
+            for p in prefs
+        )
+        out = models_accuracies(ctx, states, self.name)
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
-        self.cost["forward_passes"] = ctx.forward_passes.get("pref_ta", 0)
+        self.cost["forward_passes"] = ctx.forward_passes.get(self.name, 0)
         return out
+
+
+@torch.no_grad()
+def models_accuracies(
+    ctx: Context, states: Iterable[dict[str, torch.Tensor]], label: str, split: str = "test"
+) -> np.ndarray:
+    """(P, T) accuracy on every task's ``split`` of each model in ``states`` (image-tower state
+    dicts, e.g. one per preference), at the cost of its forward passes: the weights go straight
+    into ``torch.func.functional_call`` (no module copy, no per-model feature unit; the sweep
+    unit caches the accuracies), the same batches and precision as ``Context.features``. Each
+    model advances the running preference bar (``ctx.bar``)."""
+    from torch.func import functional_call
+
+    visual = ctx.visual().to(ctx.device).eval()
+    amp = bool(ctx.cfg.autocast) and ctx.device.type == "cuda"
+    bs = int(ctx.cfg.batch_size)
+    data = [
+        (ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
+        for t in ctx.tasks
+    ]
+    rows = []
+    for state in states:
+        params = {k: v.to(ctx.device) for k, v in state.items()}
+        row = []
+        for task, (images, y, head) in zip(ctx.tasks, data, strict=True):
+            z = []
+            for s in range(0, len(images), bs):
+                x = torch.from_numpy(np.ascontiguousarray(images[s : s + bs])).to(ctx.device)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+                    z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
+            z = torch.cat(z)
+            if not torch.isfinite(z).all():
+                raise FloatingPointError(
+                    f"{label} | {task}/{split}: non-finite embeddings; the model weights are "
+                    "probably broken (check the merge / checkpoint)"
+                )
+            row.append(
+                float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
+            )
+            ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
+        rows.append(row)
+        ctx.advance(1)
+    return np.array(rows, dtype=np.float64).reshape(-1, len(ctx.tasks))
 
 
 def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.ndarray:
@@ -221,7 +255,10 @@ def sweep(
             out / "results.parquet", index=False
         )
 
+    before = ctx.bar.n if ctx.bar is not None else 0
     unit = ctx.cache.unit("sweep", material, compute)
+    if ctx.bar is not None:  # a cached set, or a method that does not advance the bar itself
+        ctx.advance(len(p) - (ctx.bar.n - before))
     return pd.read_parquet(unit.file("results.parquet"))
 
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -48,6 +49,7 @@ class Context:
     merged_path: Path | None = None  # the merged image tower's safetensors (a cache file)
     calibration: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
+    bar: Any = None  # the running method's bar over its preferences (tqdm), see preference_bar
     _visual: torch.nn.Module | None = None
 
     @property
@@ -61,6 +63,24 @@ class Context:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    @contextmanager
+    def preference_bar(self, method: str, total: int):
+        """One bar per method over all its preferences, with an ETA (``advance`` moves it)."""
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total, desc=f"{method}: preferences", unit="pref", disable=not self.progress
+        )
+        try:
+            yield self.bar
+        finally:
+            self.bar.close()
+            self.bar = None
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None and n > 0:
+            self.bar.update(n)
 
     @functools.cached_property
     def heads(self) -> dict[str, torch.Tensor]:

@@ -103,15 +103,26 @@ def tsne(x: np.ndarray, seed: int, perplexity: float) -> np.ndarray:
     return TSNE(n_components=2, perplexity=p, init="pca", random_state=seed).fit_transform(x)
 
 
-def run_tsne(points: pd.DataFrame, seed: int, perplexity: float) -> pd.DataFrame:
+def run_tsne(
+    points: pd.DataFrame, seed: int, perplexity: float, progress: bool = True
+) -> pd.DataFrame:
+    """One t-SNE per task, then a joint one; a bar over them (the joint one is the longest)."""
+    from tqdm.auto import tqdm
+
     cols = [c for c in points.columns if c.startswith("e") and c[1:].isdigit()]
     out = points[["task", "model", "index", "label"]].copy()
     out[["task_x", "task_y"]] = np.nan
-    for _, d in points.groupby("task", sort=False):
-        out.loc[d.index, ["task_x", "task_y"]] = tsne(
-            d[cols].to_numpy(np.float64), seed, perplexity
-        )
-    out[["joint_x", "joint_y"]] = tsne(points[cols].to_numpy(np.float64), seed, perplexity)
+    groups = list(points.groupby("task", sort=False))
+    with tqdm(total=len(groups) + 1, desc="t-SNE", unit="map", disable=not progress) as bar:
+        for task, d in groups:
+            bar.set_postfix_str(f"{task} ({len(d)} points)")
+            out.loc[d.index, ["task_x", "task_y"]] = tsne(
+                d[cols].to_numpy(np.float64), seed, perplexity
+            )
+            bar.update()
+        bar.set_postfix_str(f"all tasks ({len(points)} points)")
+        out[["joint_x", "joint_y"]] = tsne(points[cols].to_numpy(np.float64), seed, perplexity)
+        bar.update()
     return out
 
 
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     t0 = time.perf_counter()
     points, tasks = embeddings(cfg, args.max_per_task, device)
     t1 = time.perf_counter()
-    xy = run_tsne(points, int(cfg.seed), args.perplexity)
+    xy = run_tsne(points, int(cfg.seed), args.perplexity, progress=bool(cfg.progress))
     t2 = time.perf_counter()
     xy.to_csv(out / "tsne_points.csv", index=False)
     label = f"{cfg.suite.name} suite, merge {cfg.merge.name}, beta {cfg.correction.beta}"

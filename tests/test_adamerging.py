@@ -322,3 +322,28 @@ def test_bad_inputs_are_refused_before_training():
         merging.adamerging(
             pre, experts[:2] + [{**experts[2], "proj": torch.zeros(3)}], encoder, heads, data
         )
+
+
+def test_converged_compares_consecutive_windows():
+    assert not merging.adamerging_converged([3.0, 2.0, 1.0], tol=1e-3, window=2)  # too short
+    assert not merging.adamerging_converged([4.0, 4.0, 2.0, 2.0], tol=0.1, window=2)  # -50%
+    assert merging.adamerging_converged([2.0, 2.0, 1.99, 1.99], tol=0.01, window=2)  # -0.5%
+    assert not merging.adamerging_converged([2.0, 2.0, 1.99, 1.99], tol=0.001, window=2)
+
+
+def test_training_stops_when_the_entropy_has_converged():
+    """A learning rate of 1e-12 leaves the entropy flat: with a tolerance the loop stops after two
+    windows and reports it through the history's length; the same steps give the same model."""
+    encoder, pre, experts, heads, data = setup_problem()
+    kw = dict(
+        granularity="task", lr=1e-12, batch_size=len(data[0]), logit_scale=5.0, progress=False
+    )
+    stopped = merging.adamerging(
+        pre, experts, encoder, heads, data, steps=40, tol=1e-3, window=5, **kw
+    )
+    assert len(stopped.entropy_history) == 10
+    full = merging.adamerging(pre, experts, encoder, heads, data, steps=10, **kw)
+    for key in pre:
+        torch.testing.assert_close(stopped.state_dict[key], full.state_dict[key], rtol=0, atol=0)
+    every = merging.adamerging(pre, experts, encoder, heads, data, steps=12, tol=None, **kw)
+    assert len(every.entropy_history) == 12  # no tolerance: every step

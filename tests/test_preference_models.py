@@ -1,0 +1,60 @@
+"""The model-producing baselines answer preferences through ``models_accuracies``: the same
+accuracies as the per-model feature path, no per-model cache unit, the passes counted, and
+one progress bar per method over its preferences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny import FAST
+
+import merging
+from evaluation import preferences as prefs_lib
+from pipeline import main as pm
+from pipeline.cache import Cache
+from pipeline.methods import model_accuracies, models_accuracies
+from pipeline.stages import ModelRef
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def test_models_accuracies_equal_the_feature_path_without_feature_units(tmp_path):
+    cfg = pm.compose_config([*FAST, f"paths.cache_dir={tmp_path / 'cache'}"])
+    ctx = pm.prepare_context(cfg, Cache(cfg.paths.cache_dir), torch.device("cpu"))
+    prefs = prefs_lib.dirichlet(len(ctx.tasks), 3, seed=1)[:3]
+    pre, experts = ctx.task_vector_inputs
+    states = [merging.preference_task_arithmetic(pre, experts, p.tolist()) for p in prefs]
+    before = len(ctx.cache.events)
+    got = models_accuracies(ctx, iter(states), "x")
+    assert len(ctx.cache.events) == before  # nothing written or read per model
+    n_test = sum(ctx.suite.split_size(t, "test") for t in ctx.tasks)
+    assert ctx.forward_passes["x"] == len(prefs) * n_test
+    want = np.stack(
+        [model_accuracies(ctx, ModelRef(f"m{i}", "m", lambda s=s: s)) for i, s in enumerate(states)]
+    )
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (3, len(ctx.tasks)) and len(np.unique(got)) > 1
+
+
+def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd):
+    cfg = pm.compose_config(
+        [
+            *(o for o in FAST if not o.startswith("progress=")),
+            "progress=true",
+            "methods=[react,pref_ta]",
+            "preferences.sets=[equal,one_hot,grid]",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
+    pm.run(cfg, tmp_path / "run")
+    err = capfd.readouterr().err
+    total = 1 + len(cfg.suite.tasks) + (cfg.preferences.dirichlet_n + len(cfg.suite.tasks) + 1)
+    for method in ("react", "pref_ta"):
+        finished = [
+            ln
+            for ln in err.replace("\r", "\n").splitlines()
+            if ln.startswith(f"{method}: preferences")
+        ]
+        assert finished and f"{total}/{total}" in finished[-1], finished[-1:]
+    assert "pref_ta | " not in err  # no per-(model, task) feature bars for pref-TA
