@@ -348,7 +348,7 @@ def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
         }
 
         def make_dataset(out, task=task):
-            with _datasets_bars(progress):
+            with _datasets_bars(False):  # quiet: a cold build would print a dozen bars
                 return offline_data.write_dataset(task, cfg.split, out / "dataset")
 
         def make_images(out, material=dataset_material, make_dataset=make_dataset):
