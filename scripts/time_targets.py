@@ -2,6 +2,7 @@
 
     python scripts/time_targets.py [--targets table1,compare] [--settings full,fast]
         [--out time_targets.md] [--cache DIR] [--timeout 1800] [--make-args "SUITE=offline"]
+        [--args "num_threads=1"]
 
 Each target runs as a user runs it (``make <target>``, ``FAST=1`` for the fast preset) in a
 subprocess, one after the other, against one cache folder (``--cache``, default the
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, help="REACT_CACHE for every run (default: the project's)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per target run")
     ap.add_argument("--make-args", default="", help='extra make variables, e.g. "SUITE=offline"')
+    ap.add_argument(
+        "--args", default="", help='extra overrides for every target, e.g. "num_threads=1"'
+    )
     args = ap.parse_args(argv)
     targets = [t for t in args.targets.split(",") if t]
     unknown = [t for t in targets if t not in TARGETS]
@@ -103,10 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     if args.cache:
         env["REACT_CACHE"] = str(args.cache.resolve())
-    make_args = shlex.split(args.make_args) + ["ARGS=logger=disabled progress=false"]
+    make_args = shlex.split(args.make_args) + [f"ARGS=logger=disabled progress=false {args.args}"]
     warm = time_target("demo", False, make_args, env, args.timeout)  # builds the suite if cold
     print(f"suite warm-up (make demo): {warm['seconds']:.0f} s, {warm['status']}", flush=True)
     rows: dict = {}
+
+    def write() -> str:  # after every run, so a stopped timing keeps what it measured
+        text = (
+            f"# Runtimes of the make targets\n\nMachine: {cpu()}; `{' '.join(sys.argv)}`; "
+            f"suite warm-up (`make demo`, first run): {warm['seconds'] / 60:.1f} min, "
+            f"{warm['status']}. Wall-clock minutes with a warm suite cache; the load average "
+            "before each run is given because a shared machine slows every number.\n\n"
+            + table(rows, settings)
+            + "\n"
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        return text
+
     for target in targets:
         for s in settings:
             r = time_target(target, s == "fast", make_args, env, args.timeout)
@@ -114,15 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['command']}: {r['seconds']:.0f} s, {r['status']}", flush=True)
             if r["tail"]:
                 print(r["tail"], file=sys.stderr)
-    text = (
-        f"# Runtimes of the make targets\n\nMachine: {cpu()}; `{' '.join(sys.argv)}`; "
-        f"suite warm-up (`make demo`, first run): {warm['seconds'] / 60:.1f} min, {warm['status']}. "
-        "Wall-clock minutes with a warm suite cache; the load average before each run is "
-        "given because a shared machine slows every number.\n\n" + table(rows, settings) + "\n"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+            write()
+    print(write())
     return 0 if all(r["status"] == "ok" for b in rows.values() for r in b.values()) else 1
 
 
