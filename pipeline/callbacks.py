@@ -35,5 +35,8 @@ class CollectOnMultirunEnd(Callback):
 
             job_dir = Path(config.hydra.runtime.output_dir)
             if job_dir.is_dir() and not (job_dir / FAILED).exists():  # failed before run() began
-                mark_failed(job_dir, job_return.return_value)
+                try:
+                    job_return.return_value  # noqa: B018 - a failed job's value raises its error
+                except BaseException as error:  # noqa: BLE001 - recorded, not handled
+                    mark_failed(job_dir, error)
             collect_sweep(Path(config.hydra.sweep.dir))

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import compat, lifecycle  # noqa: F401
 from .artifacts import run_artifacts
-from .cache import Cache, disk_full
+from .cache import Cache, CacheLockError, disk_full
 from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
 from .features import resolve_device
 from .merge import load_merged, run_merge
@@ -216,7 +216,7 @@ def _with_backbone(cfg):
 
 
 # what a user can fix (a config value, a missing file or package, a folder): one message, exit 2
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError)
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ImportError, CacheLockError)
 _task_started = False  # set once Hydra has composed a config and called the task function
 
 

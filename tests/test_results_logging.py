@@ -252,11 +252,6 @@ def test_failed_job_still_gives_tables_naming_failed_and_missing_jobs(tmp_path, 
     assert "`2` failed" in cli.stderr and "`3` failed" in cli.stderr
 
 
-@pytest.mark.xfail(
-    reason="known failure after validation moved before run(): the failing job leaves no "
-    "collected.md in this sweep - not fixed yet, see the stop-17 note",
-    strict=False,
-)
 def test_a_job_with_a_bad_config_is_named_failed(tmp_path, cache, sweep):
     """A job rejected by validation (before any folder output or W&B run) is still a
     failed job of the sweep, with its error, not an unexplained incomplete folder."""
@@ -275,7 +270,7 @@ def test_a_job_with_a_bad_config_is_named_failed(tmp_path, cache, sweep):
     assert proc.returncode != 0
     md = (sweep_dir / "collected.md").read_text()
     assert "Collected 1 complete job(s) of 2." in md
-    assert "`1` failed: ValueError: correction.beta must be a number >= 0" in md
+    assert "`1` failed: ConfigError: correction.beta=-1: must be a number in [0, inf]" in md
 
 
 def test_two_multiruns_in_one_folder_stay_apart(tmp_path, sweep):
