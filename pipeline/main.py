@@ -80,10 +80,12 @@ def apply_runtime(cfg: DictConfig) -> torch.device:
 
 
 def script_output_dir(out: Path | None, cfg: DictConfig, name: str) -> Path:
-    """``out``, or ``<paths.output_dir>/<name>/<time>-<run id>`` (unique per process); created."""
+    """``out``, or ``<paths.output_dir>/<name>/<time>-<run id>`` (unique per process); created,
+    with the script's composed config as ``config.yaml`` (its preset, seeds and settings)."""
     stamp = f"{time.strftime('%Y-%m-%d_%H-%M-%S')}-{lifecycle.run_id()}"
     out = Path(out) if out else Path(cfg.paths.output_dir) / name / stamp
     out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml")
     return out
 
 

@@ -3,7 +3,7 @@ runs the targets first, then this).
 
     python scripts/docs_figures.py [--outputs outputs] [--dest docs/figures]
 
-Each figure comes from the newest *complete* run (``run_complete.json``) or output folder of
+Each figure comes from the newest *complete* full-settings run (``run_complete.json``) or output folder of
 the target that makes it (FIGURES below); a figure whose target has not run is named with
 its make target, and the exit code is 1.
 """
@@ -11,46 +11,53 @@ its make target, and the exit code is 1.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+
 # README figure -> (make target, folder under outputs/ holding one folder per run, file)
+def _compare(plot: str) -> tuple[str, str, str]:
+    return ("compare", "runs/compare", f"plots/{plot}.png")
+
+
+def _sweep(target: str, key: str) -> tuple[str, str, str]:
+    return (target, f"multirun/{target.replace('-', '_')}", f"plots/sweep_{key}.png")
+
+
 FIGURES = {
-    "pairwise_fronts.png": ("compare", "runs/compare", "plots/pairwise_fronts_accuracy.png"),
-    "simplex.png": ("compare", "runs/compare", "plots/simplex_react_simplex3_accuracy.png"),
-    "simplex_pref_ta.png": (
-        "compare",
-        "runs/compare",
-        "plots/simplex_pref_ta_simplex3_accuracy.png",
-    ),
-    "scenario_bars.png": ("compare", "runs/compare", "plots/scenario_bars_average_accuracy.png"),
+    "pairwise_fronts.png": _compare("pairwise_fronts_accuracy"),
+    "simplex.png": _compare("simplex_react_simplex3_accuracy"),
+    "simplex_pref_ta.png": _compare("simplex_pref_ta_simplex3_accuracy"),
+    "scenario_bars.png": _compare("scenario_bars_average_accuracy"),
     "cost.png": ("fig-cost", "cost_vs_tasks", "cost.png"),
     "tsne_by_task.png": ("tsne", "tsne", "tsne_by_task.png"),
-    "sweep_beta.png": (
-        "ablation-beta",
-        "multirun/ablation_beta",
-        "plots/sweep_correction.beta.png",
-    ),
-    "sweep_calibration.png": (
-        "ablation-data",
-        "multirun/ablation_data",
-        "plots/sweep_calibration.size.png",
-    ),
-    "sweep_aggregation.png": (
-        "ablation-aggregation",
-        "multirun/ablation_aggregation",
-        "plots/sweep_correction.aggregation.png",
-    ),
+    "sweep_beta.png": _sweep("ablation-beta", "correction.beta"),
+    "sweep_calibration.png": _sweep("ablation-data", "calibration.size"),
+    "sweep_aggregation.png": _sweep("ablation-aggregation", "correction.aggregation"),
 }
 
 
+def preset(run: Path) -> str:
+    """The preset a run folder was made with: its (or its jobs') summary.json, or the
+    config.yaml a script writes; 'full' when neither records one."""
+    for summary in [run / "summary.json", *sorted(run.glob("*/summary.json"))]:
+        if summary.is_file():
+            return str(json.loads(summary.read_text()).get("preset", "full"))
+    if (run / "config.yaml").is_file():
+        return str(OmegaConf.load(run / "config.yaml").get("preset", "full"))
+    return "full"
+
+
 def newest(outputs: Path, folder: str, file: str) -> Path | None:
-    """The file in the newest run folder under ``outputs/folder`` that has it; a pipeline
-    run counts only when complete."""
+    """The file in the newest run folder under ``outputs/folder`` that has it, made at full
+    settings (``FAST=1`` outputs are smoke tests); a pipeline run counts only when complete."""
     for run in sorted((outputs / folder).glob("*"), reverse=True):
         complete = not folder.startswith("runs/") or (run / "run_complete.json").exists()
-        if complete and (run / file).is_file():
+        if complete and (run / file).is_file() and preset(run) == "full":
             return run / file
     return None
 

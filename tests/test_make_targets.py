@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tiny import TABLE1_COLUMNS
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["mnist", "animals", "digits", "faces"]  # configs/suite/offline_tiny.yaml
@@ -191,15 +192,7 @@ def test_multirun_target(target, dirs):
     assert len(table) == n_jobs and table.iloc[:, 0].nunique() == n_jobs
     assert list((sweep / "plots").glob("sweep_*.png"))
     if target == "table1":
-        assert list(table.columns) == [
-            "merge",
-            "method",
-            "merged",
-            "equal",
-            "priority",
-            "one-hot",
-            "expert",
-        ]
+        assert list(table.columns) == ["merge", *TABLE1_COLUMNS]
         assert set(df["merge"]) == {
             "adamerging_pp",
             "adamerging",

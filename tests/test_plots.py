@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import numpy as np
 import pandas as pd
@@ -322,22 +323,30 @@ def test_bad_inputs():
 
 def test_docs_figures_copies_from_the_newest_complete_run(tmp_path):
     """`make docs-figures` ends with scripts/docs_figures.py: each README figure from the
-    newest complete run of its target; an incomplete newer run is passed over, and a figure
-    whose target never ran is named with its make target (exit code 1)."""
+    newest complete full-settings run of its target; an incomplete newer run and a newer
+    FAST=1 run (summary.json, or a script's config.yaml, says preset fast) are passed over,
+    and a figure whose target never ran is named with its make target (exit code 1)."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     runs = tmp_path / "outputs" / "runs" / "compare"
-    for name, content, complete in (
-        ("2026-01-01_00-00-00", b"old", True),
-        ("2026-01-02_00-00-00", b"cut", False),
+    for name, content, complete, preset in (
+        ("2026-01-01_00-00-00", b"old", True, "full"),
+        ("2026-01-02_00-00-00", b"cut", False, "full"),
+        ("2026-01-03_00-00-00", b"fast", True, "fast"),
     ):
         (runs / name / "plots").mkdir(parents=True)
         (runs / name / "plots" / "pairwise_fronts_accuracy.png").write_bytes(content)
+        (runs / name / "summary.json").write_text(json.dumps({"preset": preset}))
         if complete:
             (runs / name / "run_complete.json").write_text("{}")
+    for name, preset in (("2026-01-01_00-00-00", "full"), ("2026-01-02_00-00-00", "fast")):
+        script_out = tmp_path / "outputs" / "tsne" / name
+        script_out.mkdir(parents=True)
+        (script_out / "tsne_by_task.png").write_bytes(preset.encode())
+        (script_out / "config.yaml").write_text(f"preset: {preset}\n")
     dest = tmp_path / "figures"
     proc = subprocess.run(
         [
@@ -355,5 +364,6 @@ def test_docs_figures_copies_from_the_newest_complete_run(tmp_path):
     )
     assert proc.returncode == 1
     assert (dest / "pairwise_fronts.png").read_bytes() == b"old"
+    assert (dest / "tsne_by_task.png").read_bytes() == b"full"
     assert "cost.png: run `make fig-cost`" in proc.stderr
     assert "sweep_beta.png: run `make ablation-beta`" in proc.stderr

@@ -69,6 +69,12 @@ def _pipeline(out: Path, cache: Path, *extra: str, run_dir: Path | None = None, 
     )
 
 
+def _fails_with(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    """The run failed, and its stderr matches ``pattern`` (its tail shown when not)."""
+    assert proc.returncode != 0
+    assert re.search(pattern, proc.stderr), proc.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
     """One uninterrupted run from an empty cache: (its cache, its run folder, its events)."""
@@ -180,9 +186,7 @@ def test_code_edit_recomputes_exactly_the_units_it_computes(baseline, full_cache
 )
 def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, key):
     proc = _pipeline(tmp_path, tmp_path / "cache", override, run_dir=tmp_path / "run")
-    assert proc.returncode != 0
-    err = proc.stderr
-    assert re.search(rf"\b{re.escape(key)}=.+?: ", err), err[-2000:]
+    _fails_with(proc, rf"\b{re.escape(key)}=.+?: ")
     assert not (tmp_path / "cache").exists()  # before any stage: not even the cache folder
 
 
@@ -276,12 +280,11 @@ def test_read_only_cache_serves_its_units_and_names_a_missing_one(baseline, full
         assert {e for _, _, e in _events(run)} == {"hit"}
         _assert_same_tables(run, baseline[1])
         proc = _pipeline(tmp_path, ro, "correction.beta=1.0", run_dir=tmp_path / "run2")
-    assert proc.returncode != 0
-    assert re.search(
+    _fails_with(
+        proc,
         rf"the cache folder {re.escape(str(ro))} is read-only and the "
         r"'statistics' unit \w+ is not in it",
-        proc.stderr,
-    ), proc.stderr[-2000:]
+    )
 
 
 # ============================================================ 3. oversized checkpoint files
@@ -438,12 +441,11 @@ def test_full_cache_filesystem_is_reported_naming_the_folder(baseline, tmp_path)
         assert _mount("-o", f"remount,size={used + (16 << 10)}", str(mnt))
         proc = _pipeline(tmp_path, mnt / "cache", run_dir=tmp_path / "run")
         leftovers = list((mnt / "cache").glob("*/.tmp-*"))
-    assert proc.returncode != 0
-    assert re.search(
+    _fails_with(
+        proc,
         rf"\[Errno 28\] disk full while writing the '\w+' cache unit under "
         rf"{re.escape(str(mnt / 'cache'))}/\w+: no space left",
-        proc.stderr,
-    ), proc.stderr[-3000:]
+    )
     assert leftovers == []
 
 
@@ -451,11 +453,9 @@ def test_full_run_folder_filesystem_is_reported_naming_the_folder(full_cache, tm
     """A warm cache, a run folder on a 96 KiB tmpfs: the tables do not fit."""
     with _tmpfs(tmp_path / "small", 96 << 10) as mnt:
         proc = _pipeline(tmp_path, full_cache, run_dir=mnt / "run")
-    assert proc.returncode != 0
-    assert re.search(
-        rf"\[Errno 28\] disk full while writing [^\n]* under {re.escape(str(mnt))}/run",
-        proc.stderr,
-    ), proc.stderr[-3000:]
+    _fails_with(
+        proc, rf"\[Errno 28\] disk full while writing [^\n]* under {re.escape(str(mnt))}/run"
+    )
 
 
 @pytest.mark.parametrize("writer", ["numpy", "pyarrow", "safetensors", "text"])

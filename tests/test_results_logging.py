@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from tiny import FAST
+from tiny import FAST, TABLE1_COLUMNS, TABLE2_COLUMNS
 from wandb_files import read_runs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,34 +151,11 @@ def test_collected_tables_have_the_paper_shape(sweep):
     proc = collect_cli(sweep)
     assert proc.returncode == 0, proc.stderr
     t1 = pd.read_csv(sweep / "table1.csv")
-    assert list(t1.columns) == [
-        "correction.beta",
-        "method",
-        "merged",
-        "equal",
-        "priority",
-        "one-hot",
-        "expert",
-    ]
-    assert list(t1["correction.beta"]) == [
-        0.1,
-        0.1,
-        0.1,
-        1,
-        1,
-        1,
-    ]  # sweep order, one row per job and method
+    assert list(t1.columns) == ["correction.beta", *TABLE1_COLUMNS]
+    # sweep order, one row per job and method
+    assert list(t1["correction.beta"]) == [0.1] * 3 + [1] * 3
     t2 = pd.read_csv(sweep / "table2.csv")
-    assert list(t2.columns) == [
-        "correction.beta",
-        "method",
-        "HV@3",
-        "HV@all",
-        "U@3",
-        "U@all",
-        "align@3",
-        "align@all",
-    ]
+    assert list(t2.columns) == ["correction.beta", *TABLE2_COLUMNS]
     assert sorted(t2.method.unique()) == ["pref_ta", "react"]  # controllable methods only
     sweep_t = pd.read_csv(sweep / "sweep.csv")
     for num, beta in (("0", 0.1), ("1", 1)):

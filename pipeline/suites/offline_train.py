@@ -129,6 +129,44 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 # ---------------------------------------------------------------------------- pretraining
+def _balanced_training(
+    params, pools, cfg, gen, desc: str, progress: bool, loss_of, after_step=None
+):
+    """The loop both pretraining recipes share: ``cfg.steps`` optimizer steps (warmup-cosine
+    LR, gradient clipping) on task-balanced batches (a task uniformly, then one of its images
+    uniformly, drawn with ``gen``). ``loss_of(x, idx)`` is the loss of uint8 images ``x`` at
+    flat indices ``idx`` into the concatenated pools. Returns the per-step losses."""
+    params = list(params)
+    data = [_unit(p) for p in pools]
+    sizes = torch.tensor([len(d) for d in data])
+    flat = torch.cat(data)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    opt = _optimizer(params, cfg)
+    steps, bs = int(cfg.steps), int(cfg.batch_size)
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
+        task = torch.randint(len(data), (bs,), generator=gen)
+        idx = offsets[task] + (torch.rand(bs, generator=gen) * sizes[task]).long()
+        loss = loss_of(flat[idx], idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    return losses
+
+
+def _loss_stats(losses: list[float]) -> dict[str, float]:
+    return {"loss_first": losses[0], "loss_last_10": float(np.mean(losses[-10:]))}
+
+
 def pretrain(
     model_config: dict[str, Any],
     pools: list[np.ndarray],
@@ -141,32 +179,16 @@ def pretrain(
     torch.manual_seed(int(cfg.seed))
     visual = build_visual(model_config).train()
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    data = [_unit(p) for p in pools]
-    sizes = torch.tensor([len(d) for d in data])
-    flat = torch.cat(data)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    opt = _optimizer(visual.parameters(), cfg)
-    steps, bs = int(cfg.steps), int(cfg.batch_size)
-    losses = []
-    bar = tqdm(range(steps), desc="offline suite: pretraining (SimCLR)", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
-        task = torch.randint(len(data), (bs,), generator=gen)
-        idx = offsets[task] + (torch.rand(bs, generator=gen) * sizes[task]).long()
-        x = flat[idx]
+
+    def loss_of(x, idx):
         v1 = _to_input(augment(x, gen, cfg.augment), mean, std)
         v2 = _to_input(augment(x, gen, cfg.augment), mean, std)
         z1, z2 = visual(torch.cat([v1, v2])).chunk(2)
-        loss = nt_xent(z1, z2, float(cfg.temperature))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
-        opt.step()
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return _state(visual), {"loss_first": losses[0], "loss_last_10": float(np.mean(losses[-10:]))}
+        return nt_xent(z1, z2, float(cfg.temperature))
+
+    desc = "offline suite: pretraining (SimCLR)"
+    losses = _balanced_training(visual.parameters(), pools, cfg, gen, desc, progress, loss_of)
+    return _state(visual), _loss_stats(losses)
 
 
 def pretrain_clip(
@@ -190,41 +212,26 @@ def pretrain_clip(
     torch.manual_seed(int(cfg.seed))
     model = build_clip(model_config).train()
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    data = [_unit(p) for p in pools]
-    sizes = torch.tensor([len(d) for d in data])
-    flat, flat_tokens = torch.cat(data), torch.cat(tokens)
-    offsets = torch.cumsum(sizes, 0) - sizes
-    opt = _optimizer(model.parameters(), cfg)
-    steps, bs = int(cfg.steps), int(cfg.batch_size)
-    target = torch.arange(bs)
-    losses = []
-    bar = tqdm(range(steps), desc="offline suite: pretraining mini-CLIP", disable=not progress)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(step, steps, float(cfg.lr), int(cfg.warmup_steps))
-        task = torch.randint(len(data), (bs,), generator=gen)
-        idx = offsets[task] + (torch.rand(bs, generator=gen) * sizes[task]).long()
-        x = flat[idx]
+    flat_tokens = torch.cat(tokens)
+    target = torch.arange(int(cfg.batch_size))
+
+    def loss_of(x, idx):
         if cfg.augment is not None:
             x = augment(x, gen, cfg.augment)
         img = model.encode_image(_to_input(x, mean, std), normalize=True)
         txt = model.encode_text(flat_tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
-        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.grad_clip))
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100.0))
-        losses.append(loss.item())
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    stats = {
-        "loss_first": losses[0],
-        "loss_last_10": float(np.mean(losses[-10:])),
-        "logit_scale": float(model.logit_scale.detach().exp()),
-    }
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+    @torch.no_grad()
+    def clamp_temperature():
+        model.logit_scale.clamp_(0, math.log(100.0))
+
+    desc = "offline suite: pretraining mini-CLIP"
+    losses = _balanced_training(
+        model.parameters(), pools, cfg, gen, desc, progress, loss_of, clamp_temperature
+    )
+    stats = {**_loss_stats(losses), "logit_scale": float(model.logit_scale.detach().exp())}
     return _state(model), stats
 
 
@@ -327,9 +334,5 @@ def finetune(
             seen += len(idx)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    stats = {
-        "loss_first": losses[0],
-        "loss_last_10": float(np.mean(losses[-10:])),
-        "train_acc_last_20_steps": correct / max(1, seen),
-    }
+    stats = {**_loss_stats(losses), "train_acc_last_20_steps": correct / max(1, seen)}
     return _state(visual), stats
