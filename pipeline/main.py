@@ -260,6 +260,9 @@ def cli() -> None:
         if e.code == 1 and not _task_started:
             sys.exit(2)
         raise
+    except BrokenPipeError:  # `react-merging --help | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 def _remove_if_empty(run_dir: Path) -> None:

@@ -56,6 +56,17 @@ def test_help_describes_the_app_and_lists_every_merge_method_and_baseline(tmp_pa
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 
+def test_help_into_a_pipe_closed_early_prints_no_traceback(tmp_path):
+    """`react-merging --help | head -1`: the reader leaves after one line."""
+    environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m pipeline.main --help | head -1",
+        shell=True, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.startswith("react-merging: ReACT") and proc.stdout.count("\n") == 1
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize(
     "override, message, lines",
     [
