@@ -190,7 +190,7 @@ def models_accuracies(
         for task, (images, y, head) in zip(ctx.tasks, data, strict=True):
             z = []
             for s in range(0, len(images), bs):
-                x = torch.from_numpy(np.ascontiguousarray(images[s : s + bs])).to(ctx.device)
+                x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
                     z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
             z = torch.cat(z)
