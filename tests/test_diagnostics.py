@@ -187,8 +187,9 @@ def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProc
 
 
 @pytest.fixture(scope="module")
-def diag(tmp_path_factory):
+def diag(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("diag")
+    tiny_cache(tmp / "cache")
     proc = _run_script(tmp, tmp / "cache", "--out", str(tmp / "out"))
     return tmp, proc, json.loads((tmp / "out" / "regime.json").read_text())
 

@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("bounds")
+    tiny_cache(tmp / "cache")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     cmd = [
         sys.executable,

@@ -68,9 +68,9 @@ SINGLE = {
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory) -> dict[str, Path]:
+def dirs(tmp_path_factory, tiny_cache) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("make_targets")
-    return {"cache": base / "cache", "out": base / "out"}
+    return {"cache": tiny_cache(base / "cache"), "out": base / "out"}
 
 
 def make_command(

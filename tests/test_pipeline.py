@@ -36,8 +36,8 @@ _compose = pm.compose_config
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(tmp_path_factory, tiny_cache) -> Path:
+    return tiny_cache(tmp_path_factory.mktemp("cache"))  # the suite built once per session
 
 
 @pytest.fixture(scope="module")

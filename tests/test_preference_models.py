@@ -19,7 +19,8 @@ from pipeline.stages import ModelRef
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
-def test_models_accuracies_equal_the_feature_path_without_feature_units(tmp_path):
+def test_models_accuracies_equal_the_feature_path_without_feature_units(tmp_path, tiny_cache):
+    tiny_cache(tmp_path / "cache")
     cfg = pm.compose_config([*FAST, f"paths.cache_dir={tmp_path / 'cache'}"])
     ctx = pm.prepare_context(cfg, Cache(cfg.paths.cache_dir), torch.device("cpu"))
     prefs = prefs_lib.dirichlet(len(ctx.tasks), 3, seed=1)[:3]
@@ -37,7 +38,8 @@ def test_models_accuracies_equal_the_feature_path_without_feature_units(tmp_path
     assert got.shape == (3, len(ctx.tasks)) and len(np.unique(got)) > 1
 
 
-def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd):
+def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd, tiny_cache):
+    tiny_cache(tmp_path / "cache")
     cfg = pm.compose_config(
         [
             *(o for o in FAST if not o.startswith("progress=")),

@@ -60,8 +60,8 @@ def collect_cli(folder: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache(tmp_path_factory, tiny_cache) -> Path:
+    return tiny_cache(tmp_path_factory.mktemp("cache"))  # the suite built once per session
 
 
 @pytest.fixture(scope="module")
