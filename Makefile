@@ -41,7 +41,7 @@ demo: venv
 	$(RUN) $(HARGS)
 
 test: venv
-	$(PY) -m pytest -q -n 2 --timeout 900 $(ARGS)
+	$(PY) -m pytest -q -n 2 --timeout 900 --durations=15 $(ARGS)
 
 test-fast: venv
 	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
