@@ -185,7 +185,12 @@ def check_preferences(p, tasks: list[str]) -> None:
                 )
             unknown = [t for t in pair if t not in tasks]
             if unknown:
-                _fail("preferences.pairs", p.pairs, f"unknown task(s) {unknown}; tasks are {tasks}")
+                _fail(
+                    "preferences.pairs",
+                    p.pairs,
+                    f"unknown task(s) {unknown}; tasks are {tasks} (the default is the suite's "
+                    "suite.figure_pairs: set preferences.pairs=null for all pairs, or your own)",
+                )
     custom = p.get("custom")
     if custom is not None:
         rows = list(custom) if isinstance(custom, (list, ListConfig)) else [custom]

@@ -222,6 +222,22 @@ def test_every_key_is_checked(override, message):
     assert message in str(err.value)
 
 
+def test_pairwise_panels_default_to_the_suites_figure_pairs():
+    """Eight tasks: four panels, each task once (all 28 pairs only when asked); a subset of
+    the tasks makes the default name where it comes from."""
+    assert pm.compose_config([]).preferences.pairs == [
+        ["mnist", "animals"],
+        ["digits", "faces"],
+        ["photos", "textures"],
+        ["svhn", "signs"],
+    ]
+    assert pm.compose_config(["preferences.pairs=null"]).preferences.pairs is None
+    assert pm.compose_config(FAST).preferences.pairs is not None  # FAST names its own
+    assert pm.compose_config(["suite=offline_tiny"]).preferences.pairs is None  # all 6
+    with pytest.raises(ValueError, match=r"suite\.figure_pairs: set preferences\.pairs=null"):
+        pm.validate_config(pm.compose_config(["suite.tasks=[mnist,animals,digits]"]))
+
+
 def test_flat_custom_preference_and_counts_are_still_accepted():
     for extra in ([f"preferences.custom={ONE_HOT}"], ["calibration.size=2"], []):
         pm.validate_config(pm.compose_config([*FAST, *extra]))
