@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 import merging
 from pipeline.merge import IndexedImages
-from pipeline.methods import Method, models_accuracies, register
+from pipeline.methods import Method, models_accuracies, preference_models_accuracies, register
 from pipeline.stages import Context, calibration_split
 from pipeline.suite import normalize_images
 
@@ -90,8 +90,9 @@ class ParetoMerging(Method):
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         base = ctx.merged.state()
-        states = (pm.apply_factors(base, self.factors, p) for p in prefs)
-        out = models_accuracies(ctx, states, self.name)
+        out = preference_models_accuracies(
+            ctx, self, prefs, lambda p: pm.apply_factors(base, self.factors, p)
+        )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)

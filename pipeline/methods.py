@@ -11,7 +11,7 @@ extraction. Adding a method = a class here (or in ``baselines``) plus an entry i
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class Method:
             "queries": 0,
             "forward_passes": 0,
         }
+        self.answered: dict[bytes, np.ndarray] = {}  # model-producing methods: p -> (T,) accuracies
 
     def fit(self, ctx: Context) -> None:  # offline, preference-independent stage
         pass
@@ -154,15 +155,33 @@ class PreferenceTaskArithmetic(Method):
     def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
         pre, experts = ctx.task_vector_inputs
-        states = (
-            merging.preference_task_arithmetic(pre, experts, p.tolist(), scale=self.cfg.scale)
-            for p in prefs
+        out = preference_models_accuracies(
+            ctx,
+            self,
+            prefs,
+            lambda p: merging.preference_task_arithmetic(
+                pre, experts, p.tolist(), scale=self.cfg.scale
+            ),
         )
-        out = models_accuracies(ctx, states, self.name)
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = ctx.forward_passes.get(self.name, 0)
         return out
+
+
+def preference_models_accuracies(
+    ctx: Context, method: Method, prefs: np.ndarray, state_of: Callable[[np.ndarray], dict]
+) -> np.ndarray:
+    """(P, T) accuracies of the model ``state_of(p)`` of each preference, through
+    :func:`models_accuracies`; a preference the method already answered in this run (the
+    sets share points: one-hot = the grid's vertices, equal = its centroid, the pairwise
+    sweeps' ends = one-hot) is not built and evaluated again: the same preference gives the
+    same model. The answers are kept on the method (``method.answered``)."""
+    keys = [np.round(p, 12).tobytes() for p in prefs]
+    new = {k: p for k, p in zip(keys, prefs, strict=True) if k not in method.answered}
+    rows = models_accuracies(ctx, (state_of(p) for p in new.values()), method.name)
+    method.answered.update(zip(new, rows, strict=True))
+    return np.stack([method.answered[k] for k in keys]).reshape(-1, len(ctx.tasks))
 
 
 @torch.no_grad()

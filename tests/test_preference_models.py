@@ -60,3 +60,30 @@ def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd, tiny_cach
         ]
         assert finished and f"{total}/{total}" in finished[-1], finished[-1:]
     assert "pref_ta | " not in err  # no per-(model, task) feature bars for pref-TA
+
+
+def test_a_preference_answered_twice_is_built_and_evaluated_once(tmp_path, tiny_cache):
+    """The sets share points (one-hot = the grid's vertices, equal = its centroid): a
+    model-producing method answers a repeated preference from its first answer."""
+    from pipeline.methods import build_method
+
+    tiny_cache(tmp_path / "cache")
+    cfg = pm.compose_config([*FAST, f"paths.cache_dir={tmp_path / 'cache'}"])
+    ctx = pm.prepare_context(cfg, Cache(cfg.paths.cache_dir), torch.device("cpu"))
+    T = len(ctx.tasks)
+    eye = np.eye(T)
+    method = build_method("pref_ta", cfg.baselines.pref_ta)
+    first = method.accuracies(ctx, eye[:2])
+    again = method.accuracies(ctx, np.stack([eye[1], np.full(T, 1 / T), eye[0]]))
+    n_test = sum(ctx.suite.split_size(t, "test") for t in ctx.tasks)
+    assert ctx.forward_passes["pref_ta"] == 3 * n_test  # e_0, e_1 and the centroid, once each
+    assert method.cost["queries"] == 5
+    np.testing.assert_array_equal(again[[0, 2]], first[[1, 0]])
+    pre, experts = ctx.task_vector_inputs
+    scale = cfg.baselines.pref_ta.scale
+    fresh = models_accuracies(
+        ctx,
+        [merging.preference_task_arithmetic(pre, experts, eye[1].tolist(), scale=scale)],
+        "check",
+    )
+    np.testing.assert_array_equal(fresh[0], first[1])
