@@ -209,7 +209,7 @@ def plot(summary: pd.DataFrame, n_prefs: int, out: Path, label: str) -> list[Pat
         plots.display_name(m) for m in summary[summary.extrapolated].method.unique()
     )
     ax.set_title(
-        f"Cost vs number of tasks T: offline stage (solid), + answering and scoring {n_prefs} "
+        f"Cost vs number of tasks T\noffline stage (solid); + answering and scoring {n_prefs} "
         f"preferences (dashed)\n{label}"
         + (
             f"\nanswering extrapolated from a time budget for: {', '.join(extrapolated)}"
