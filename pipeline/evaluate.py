@@ -101,6 +101,18 @@ def priority_rule_text(cfg, T: int) -> str:
     return f"priority scenario ({how}): measured task {w:.3f}, each other {rest:.3f} at T = {T}"
 
 
+def pairwise_pairs(cfg, tasks: list[str]) -> list[tuple[str, str]]:
+    """The task pairs of the pairwise set. ``preferences.pairs``: "figure" (the default) = the
+    suite's figure panels (``suite.figure_pairs``) whose two tasks are both in this run, or
+    every pair when none are (a suite without panels, or a run on a subset of its tasks);
+    null = every pair; a list = exactly those pairs."""
+    every = list(itertools.combinations(tasks, 2))
+    if cfg.pairs == "figure":
+        panels = [(a, b) for a, b in (cfg.get("figure_pairs") or []) if {a, b} <= set(tasks)]
+        return panels or every
+    return [(a, b) for a, b in cfg.pairs] if cfg.pairs else every
+
+
 def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.ndarray]:
     """Named (P, T) preference arrays for the sets listed in ``cfg.sets``."""
     T = len(tasks)
@@ -117,8 +129,7 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
         elif name == "one_hot":
             out["one_hot"] = prefs_lib.one_hot(T)
         elif name == "pairwise":
-            pairs = cfg.pairs or list(itertools.combinations(tasks, 2))
-            for a, b in pairs:
+            for a, b in pairwise_pairs(cfg, tasks):
                 if a not in tasks or b not in tasks:
                     raise ValueError(
                         f"preferences.pairs: unknown task in ({a}, {b}); tasks are {tasks}"

@@ -177,7 +177,9 @@ def check_preferences(p, tasks: list[str]) -> None:
             sets,
             "no preferences to sweep: name at least one set or give preferences.custom rows",
         )
-    if p.get("pairs") is not None:
+    if p.get("pairs") not in (None, "figure"):  # "figure" keeps the suite's panels that apply
+        if not isinstance(p.pairs, (list, ListConfig)):
+            _fail("preferences.pairs", p.pairs, 'must be "figure", null (all pairs) or a list')
         for pair in p.pairs:
             if not isinstance(pair, (list, ListConfig)) or len(pair) != 2 or pair[0] == pair[1]:
                 _fail(
@@ -188,8 +190,7 @@ def check_preferences(p, tasks: list[str]) -> None:
                 _fail(
                     "preferences.pairs",
                     p.pairs,
-                    f"unknown task(s) {unknown}; tasks are {tasks} (the default is the suite's "
-                    "suite.figure_pairs: set preferences.pairs=null for all pairs, or your own)",
+                    f"unknown task(s) {unknown}; tasks are {tasks}",
                 )
     custom = p.get("custom")
     if custom is not None:

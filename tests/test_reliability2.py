@@ -223,19 +223,32 @@ def test_every_key_is_checked(override, message):
 
 
 def test_pairwise_panels_default_to_the_suites_figure_pairs():
-    """Eight tasks: four panels, each task once (all 28 pairs only when asked); a subset of
-    the tasks makes the default name where it comes from."""
-    assert pm.compose_config([]).preferences.pairs == [
-        ["mnist", "animals"],
-        ["digits", "faces"],
-        ["photos", "textures"],
-        ["svhn", "signs"],
+    """Eight tasks: four panels, each task once; null asks for all 28 pairs; a run on a
+    subset of the tasks keeps the panels that apply, or every pair when none do."""
+    from pipeline.evaluate import pairwise_pairs
+
+    def pairs(*overrides):
+        cfg = pm.compose_config(list(overrides))
+        pm.validate_config(cfg)
+        return pairwise_pairs(cfg.preferences, list(cfg.suite.tasks))
+
+    assert pairs() == [
+        ("mnist", "animals"),
+        ("digits", "faces"),
+        ("photos", "textures"),
+        ("svhn", "signs"),
     ]
-    assert pm.compose_config(["preferences.pairs=null"]).preferences.pairs is None
-    assert pm.compose_config(FAST).preferences.pairs is not None  # FAST names its own
-    assert pm.compose_config(["suite=offline_tiny"]).preferences.pairs is None  # all 6
-    with pytest.raises(ValueError, match=r"suite\.figure_pairs: set preferences\.pairs=null"):
-        pm.validate_config(pm.compose_config(["suite.tasks=[mnist,animals,digits]"]))
+    assert len(pairs("preferences.pairs=null")) == 28
+    assert pairs("suite.tasks=[mnist,animals,digits]") == [("mnist", "animals")]
+    assert pairs("suite.tasks=[mnist,digits,svhn]") == [
+        ("mnist", "digits"),
+        ("mnist", "svhn"),
+        ("digits", "svhn"),
+    ]
+    assert len(pairs("suite=offline_tiny")) == 6  # no panels: every pair of 4
+    assert pairs("preferences.pairs=[[digits,mnist]]") == [("digits", "mnist")]
+    with pytest.raises(ValueError, match='must be "figure", null'):
+        pm.validate_config(pm.compose_config(["preferences.pairs=some"]))
 
 
 def test_flat_custom_preference_and_counts_are_still_accepted():
