@@ -181,7 +181,7 @@ def preference_models_accuracies(
     new = {k: p for k, p in zip(keys, prefs, strict=True) if k not in method.answered}
     rows = models_accuracies(ctx, (state_of(p) for p in new.values()), method.name)
     method.answered.update(zip(new, rows, strict=True))
-    return np.stack([method.answered[k] for k in keys]).reshape(-1, len(ctx.tasks))
+    return np.array([method.answered[k] for k in keys]).reshape(-1, len(ctx.tasks))
 
 
 @torch.no_grad()
@@ -279,12 +279,6 @@ def sweep(
     if ctx.bar is not None:  # a cached set, or a method that does not advance the bar itself
         ctx.advance(len(p) - (ctx.bar.n - before))
     return pd.read_parquet(unit.file("results.parquet"))
-
-
-def _hash(material) -> str:
-    from .cache import stable_hash
-
-    return stable_hash(material)
 
 
 def _as_list(loaded):
