@@ -193,6 +193,8 @@ def test_second_build_is_a_cache_hit_with_identical_heads(built):
         ("suite.split.pretrain_fraction=0", "pretrain_fraction > 0"),
         ("suite.pretrain.method=byol", "clip or simclr"),
         ("suite.tasks=[mnist,unicorns]", "unknown offline tasks"),
+        ("suite.train_threads=0", "train_threads must be null or an integer >= 1"),
+        ("suite.data_workers=two", "data_workers must be null or an integer >= 1"),
     ],
 )
 def test_bad_config_is_rejected_before_work(tmp_path, override, match):
@@ -213,3 +215,50 @@ def test_merge_pretrained_is_theta_0(built, tmp_path):
     )
     merged, pre = load_merged(unit), suite.pretrained_state()
     assert merged.keys() == pre.keys() and all(torch.equal(merged[k], pre[k]) for k in pre)
+
+
+def test_data_workers_write_the_same_units_as_one_process(built, tmp_path, caplog):
+    """A cold build's data in two worker processes = the one-process build's units, file for
+    file (the fixture built them in this process: the tiny suite sets data_workers=1)."""
+    import logging
+
+    from pipeline.suites import offline
+
+    cfg, cache, _ = built
+    two = suite_cfg(overrides=["suite.tasks=[faces,svhn,signs]", "suite.data_workers=2"])
+    other = Cache(tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="pipeline.suites.offline"):
+        offline._prefetch_images(two, other, list(two.tasks))
+    assert "building the data of 3 tasks in 2 processes" in caplog.text
+    for t in two.tasks:
+        key = Cache.key("offline_images", offline._images_material(two, t))
+        mine, theirs = other.lookup("offline_images", key), cache.lookup("offline_images", key)
+        assert mine is not None and theirs is not None, t
+        assert other.manifest(mine)["files"] == cache.manifest(theirs)["files"], t
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.suites.offline"):
+        offline._prefetch_images(two, other, list(two.tasks))  # nothing missing: no workers
+    assert "processes" not in caplog.text
+
+
+def test_training_runs_on_train_threads_and_restores_them(tmp_path, monkeypatch):
+    from pipeline.suites import offline_train
+
+    seen = []
+    real = offline_train.finetune
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(offline_train, "finetune", spy)
+    before = torch.get_num_threads()
+    cfg = suite_cfg(overrides=["suite.tasks=[digits,faces]", "suite.train_threads=1"])
+    build_suite(cfg, Cache(tmp_path), progress=False)
+    assert seen == [1, 1] and torch.get_num_threads() == before
+    # the thread count is part of the recipe: another count is another suite
+    three = suite_cfg(overrides=["suite.tasks=[digits,faces]", "suite.train_threads=3"])
+    monkeypatch.setattr(offline_train, "pretrain_clip", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # a cache miss: it starts training again
+        build_suite(three, Cache(tmp_path), progress=False)
+    assert torch.get_num_threads() == before  # restored after a failure too

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -135,6 +138,10 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
                 f"suite.{section} needs steps >= 1, batch_size >= 2 and lr > 0; got "
                 f"steps={c.steps} batch_size={c.batch_size} lr={c.lr}"
             )
+    for key in ("train_threads", "data_workers"):
+        v = cfg.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"suite.{key} must be null or an integer >= 1; got {v!r}")
     if float(cfg.logit_scale) <= 0:
         raise ValueError(f"suite.logit_scale must be > 0; got {cfg.logit_scale}")
     if len(cfg.mean) != 3 or len(cfg.std) != 3 or min(cfg.std) <= 0:
@@ -153,6 +160,71 @@ def _datasets_bars(enabled: bool):
         yield
     finally:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
+
+
+def _dataset_material(cfg, task: str) -> dict:
+    return {
+        "code": CODE_VERSIONS["dataset"],
+        "task": task,
+        "source": offline_data.source_version(task),
+        "split": _plain(cfg.split),
+    }
+
+
+def _images_material(cfg, task: str) -> dict:
+    return {
+        "code": CODE_VERSIONS["images"],
+        "dataset": Cache.key("offline_dataset", _dataset_material(cfg, task)),
+        "image_size": int(cfg.model.image_size),
+    }
+
+
+def _images_unit(cfg, cache: Cache, task: str) -> Unit:
+    """The task's uint8 image arrays (``offline_images``), built from its split dataset
+    (``offline_dataset``), which is read (and checksummed) only when the images are built."""
+
+    def make_dataset(out):
+        with _datasets_bars(False):  # quiet: a cold build would print a dozen bars
+            return offline_data.write_dataset(task, cfg.split, out / "dataset")
+
+    def make_images(out):
+        dataset = cache.unit("offline_dataset", _dataset_material(cfg, task), make_dataset)
+        return offline_data.write_images(dataset.file("dataset"), int(cfg.model.image_size), out)
+
+    return cache.unit("offline_images", _images_material(cfg, task), make_images)
+
+
+def _images_worker(cfg: dict, root: str, task: str) -> None:
+    _images_unit(OmegaConf.create(cfg), Cache(root), task)
+
+
+def _prefetch_images(cfg, cache: Cache, tasks: list[str]) -> None:
+    """Build the tasks' missing image units ``suite.data_workers`` at a time in worker
+    processes (a cold build: loading, splitting and rendering is single-threaded Python, about
+    50 s for the eight tasks in one process). Each unit is deterministic and written through
+    the cache's locks, so the result is the same files as a one-process build; if a worker
+    fails, the caller's one-process loop builds the unit again and raises its error there."""
+    missing = [
+        t
+        for t in tasks
+        if cache.lookup("offline_images", Cache.key("offline_images", _images_material(cfg, t)))
+        is None
+    ]
+    workers = min(len(missing), int(cfg.get("data_workers") or 1), os.cpu_count() or 1)
+    if workers < 2 or not cache.writable:
+        return
+    log.info("offline suite: building the data of %d tasks in %d processes", len(missing), workers)
+    plain = _plain(cfg)
+    context = multiprocessing.get_context("spawn")  # the parent may hold torch/arrow threads
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        jobs = {t: pool.submit(_images_worker, plain, str(cache.root), t) for t in missing}
+        for task, job in jobs.items():
+            try:
+                job.result()
+            except Exception as e:  # noqa: BLE001 - rebuilt (and raised) in this process
+                log.warning(
+                    "offline suite: the data worker of %s failed (%s); building it here", task, e
+                )
 
 
 def _load_safetensors(unit: Unit, name: str) -> dict[str, torch.Tensor]:
@@ -174,6 +246,7 @@ def _pretrained_material(cfg, model_config, tasks, images_u, code: str) -> dict:
         "mean": tuple(float(v) for v in cfg.mean),
         "std": tuple(float(v) for v in cfg.std),
         "images": [images_u[t].key for t in tasks],
+        "threads": cfg.get("train_threads"),  # the experts and heads read this unit's key
     }
 
 
@@ -325,46 +398,42 @@ def _mini_clip_units(
     return pretrained_u, heads_u
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """torch's CPU threads set to ``n`` inside the block (None: left as they are). The thread
+    count changes the summation order of every matmul, training amplifies those last bits, so
+    the suite's weights (and every number computed from them) depend on it."""
+    if n is None:
+        yield
+        return
+    was = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(was)
+
+
 def build(cfg: DictConfig, cache: Cache, progress: bool = True) -> Suite:
-    """Build (or load from ``cache``) the offline suite described by ``cfg``."""
+    """Build (or load from ``cache``) the offline suite described by ``cfg``; the training
+    runs on ``suite.train_threads`` torch threads whatever the machine."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     validate(cfg)
+    with _torch_threads(cfg.get("train_threads")):
+        return _build(cfg, cache, progress)
+
+
+def _build(cfg: DictConfig, cache: Cache, progress: bool) -> Suite:
     t0 = time.perf_counter()
     tasks = list(cfg.tasks)
     mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     logit_scale = float(cfg.logit_scale)
     model_config = {"clip_kwargs": offline_train.clip_kwargs(cfg.model)}
-    image_size = int(cfg.model.image_size)
 
     # ---------------------------------------------------------------- data
-    images_u: dict[str, Unit] = {}
-    for task in tasks:
-        dataset_material = {
-            "code": CODE_VERSIONS["dataset"],
-            "task": task,
-            "source": offline_data.source_version(task),
-            "split": _plain(cfg.split),
-        }
-
-        def make_dataset(out, task=task):
-            with _datasets_bars(False):  # quiet: a cold build would print a dozen bars
-                return offline_data.write_dataset(task, cfg.split, out / "dataset")
-
-        def make_images(out, material=dataset_material, make_dataset=make_dataset):
-            # the raw dataset unit is read (and checksummed) only when images are (re)built
-            dataset = cache.unit("offline_dataset", material, make_dataset)
-            return offline_data.write_images(dataset.file("dataset"), image_size, out)
-
-        images_u[task] = cache.unit(
-            "offline_images",
-            {
-                "code": CODE_VERSIONS["images"],
-                "dataset": cache.key("offline_dataset", dataset_material),
-                "image_size": image_size,
-            },
-            make_images,
-        )
+    _prefetch_images(cfg, cache, tasks)
+    images_u = {task: _images_unit(cfg, cache, task) for task in tasks}
 
     def split(task: str, name: str) -> tuple[np.ndarray, np.ndarray]:
         return _split(images_u[task], name)
