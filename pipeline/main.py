@@ -43,7 +43,7 @@ from .stages import (
     ModelRef,
     calibration_indices,
 )
-from .suites import build_suite
+from .suites import build_suite, capped
 from .tracking import Tracker
 from .validation import validate_config
 
@@ -143,12 +143,14 @@ def _prepare_run_dir(run_dir: Path) -> None:
 
 
 def load_suite(cfg: DictConfig, cache: Cache):
-    """Stage prepare: build (or load from ``cache``) the suite of ``cfg``."""
-    return build_suite(
+    """Stage prepare: build (or load from ``cache``) the suite of ``cfg``, its splits cut to
+    ``max_images_per_split`` images when that is set (preset=fast)."""
+    suite = build_suite(
         cfg.suite if cfg.suite.name != "paper8" else _with_backbone(cfg),
         cache,
         progress=cfg.progress,
     )
+    return capped(suite, cfg.get("max_images_per_split"))
 
 
 def prepare_context(cfg: DictConfig, cache: Cache, device: torch.device, suite=None) -> Context:

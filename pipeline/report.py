@@ -152,6 +152,7 @@ def run_meta(cfg, suite, calibration: dict, tasks3: list[str], sets: dict) -> di
         "tasks3": tasks3,
         "seed": int(cfg.seed),
         "preset": str(cfg.get("preset", "full")),
+        "max_images_per_split": cfg.get("max_images_per_split"),
         "merge": OmegaConf.to_container(cfg.merge, resolve=True),
         "merge_conventions": merge_conventions(cfg.merge),
         "pretrained_tower": suite.info.get("pretrained_tower"),
@@ -271,7 +272,13 @@ def markdown_report(
         "",
         *(
             [
-                f"**Preset `{summary['preset']}`: reduced settings (a smoke test, not the README's numbers).**",
+                f"**Preset `{summary['preset']}`: reduced settings (a smoke test, not the README's numbers"
+                + (
+                    f"; at most {summary['max_images_per_split']} images per task split"
+                    if summary.get("max_images_per_split")
+                    else ""
+                )
+                + ").**",
                 "",
             ]
             if summary.get("preset", "full") != "full"

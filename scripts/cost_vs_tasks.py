@@ -1,7 +1,7 @@
 """Cost of each controllable method against the number of tasks T (`make fig-cost`).
 
     python scripts/cost_vs_tasks.py suite=offline backbone=offline [methods=[react,pref_ta]]
-        [--n-prefs 1000] [--repeats 3] [--query-budget 20] [--out DIR]
+        [--n-prefs 1000] [--repeats 3 (preset=fast: 1)] [--query-budget 20] [--out DIR]
 
 Any argument of the form ``key=value`` is a Hydra override of ``configs/config.yaml`` (as for
 ``python -m pipeline.main``); ``--...`` flags belong to this script. On a CPU shared
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument(
         "--repeats",
         type=int,
-        default=3,
-        help="fresh-cache repeats per T (default 3); the median is plotted, the min-max as a band",
+        default=None,
+        help="fresh-cache repeats per T (default 3, preset=fast 1); the median is plotted, the "
+        "min-max as a band",
     )
     ap.add_argument(
         "--query-budget",
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     )
     ap.add_argument("--min-tasks", type=int, default=2)
     args, cfg = script_config(ap, argv)
+    if args.repeats is None:
+        args.repeats = 1 if cfg.get("preset") == "fast" else 3
     if args.n_prefs < 1 or args.repeats < 1 or args.min_tasks < 2:
         ap.error("--n-prefs and --repeats must be >= 1, --min-tasks >= 2")
     device = apply_runtime(cfg)

@@ -32,3 +32,39 @@ def test_a_fast_run_labels_its_summary_and_report(tmp_path, tiny_cache):
     pm.run(cfg, tmp_path / "run")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["preset"] == "fast"
     assert "**Preset `fast`: reduced settings" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_max_images_per_split_is_a_fixed_subset_under_its_own_key(tmp_path, tiny_cache):
+    """preset=fast cuts every task split to 100 images (a seeded subset, the same on every
+    call) and gives the suite another key, so no unit of the whole suite is reused for it."""
+    import numpy as np
+
+    from pipeline.cache import Cache
+    from pipeline.suites import capped
+
+    assert pm.compose_config(["preset=fast"]).max_images_per_split == 100
+    assert pm.compose_config([]).max_images_per_split is None
+    tiny_cache(tmp_path / "cache")
+    cfg = pm.compose_config([*FAST, f"paths.cache_dir={tmp_path / 'cache'}"])
+    suite = pm.load_suite(cfg, Cache(cfg.paths.cache_dir))
+    assert capped(suite, None) is suite
+    small = capped(suite, 10)
+    assert small.key != suite.key and small.key == capped(suite, 10).key != capped(suite, 11).key
+    for t in suite.tasks:
+        for split in ("train", "val", "test"):
+            x, y = suite.split(t, split)
+            xs, ys = small.split(t, split)
+            assert len(ys) == min(10, len(y))
+            # the rows are rows of the whole split, in its order, the same on every call
+            rows = {bytes(np.asarray(r).tobytes()): i for i, r in enumerate(x)}
+            if len(rows) < len(x):  # a repeated image: its row is ambiguous
+                continue
+            idx = [rows[bytes(r.tobytes())] for r in xs]
+            assert idx == sorted(idx) and np.array_equal(y[idx], ys)
+            assert np.array_equal(small.split(t, split)[0], xs)
+    capped = pm.compose_config(
+        [*FAST, "max_images_per_split=10", f"paths.cache_dir={tmp_path / 'cache'}"]
+    )
+    pm.run(capped, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["max_images_per_split"] == 10 and summary["suite_key"] == small.key
