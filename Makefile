@@ -59,6 +59,7 @@ bench: venv
 	$(PY) bench/bench_merging.py
 	$(PY) bench/bench_pipeline.py
 	$(PY) bench/bench_preference_models.py
+	$(PY) bench/bench_suite_data.py
 
 lint: venv
 	$(PY) -m ruff check .
