@@ -87,11 +87,13 @@ class ParetoMerging(Method):
         self._offline_passes = self.cost["forward_passes"]
         self.cost["offline_seconds"] += time.perf_counter() - t0
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:
         t0 = time.perf_counter()
         base = ctx.merged.state()
         out = preference_models_accuracies(
-            ctx, self, prefs, lambda p: pm.apply_factors(base, self.factors, p)
+            ctx, self, prefs, lambda p: pm.apply_factors(base, self.factors, p), tasks
         )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
@@ -158,21 +160,32 @@ class MAP(Method):
     def _accuracies(self, ctx: Context, scaling: np.ndarray, split: str, label: str) -> np.ndarray:
         """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (the fit and the sweep are
         cached units; the merges themselves are not kept)."""
-        s = np.round(np.asarray(scaling, dtype=np.float64), 12).tolist()
-        state = merging.weighted_task_arithmetic(*ctx.task_vector_inputs, s)
+        state = merging.weighted_task_arithmetic(*ctx.task_vector_inputs, _rounded(scaling))
         return models_accuracies(ctx, [state], label, split)[0]
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:
         t0 = time.perf_counter()
-        chosen = map_lib.select(self.front_f, prefs)
-        rows = {
-            i: self._accuracies(ctx, self.front_x[i], "test", self.name) for i in np.unique(chosen)
-        }
-        out = np.stack([rows[i] for i in chosen])
+        chosen = self.front_x[map_lib.select(self.front_f, prefs)]  # (P, T) scalings
+        inputs = ctx.task_vector_inputs
+        # a front point picked by several preferences (of any set) is evaluated once
+        out = preference_models_accuracies(
+            ctx,
+            self,
+            chosen,
+            lambda c: merging.weighted_task_arithmetic(*inputs, _rounded(c)),
+            tasks,
+        )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
         self.cost["forward_passes"] = self._offline_passes + ctx.forward_passes.get(self.name, 0)
         return out
+
+
+def _rounded(scaling) -> list[float]:
+    """MAP's scalings rounded to 12 digits, as the cache keys see them."""
+    return np.round(np.asarray(scaling, dtype=np.float64), 12).tolist()
 
 
 class Surgery(Method):
@@ -225,7 +238,9 @@ class Surgery(Method):
         self._per_task = None
         self.cost["offline_seconds"] += time.perf_counter() - t0
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:  # the per-task adapters cost nothing per task: every task, always
         t0 = time.perf_counter()
         if self._per_task is None:
             self._per_task = np.array(

@@ -168,6 +168,21 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
     return out
 
 
+def scored_tasks(cfg, set_name: str, tasks: list[str], tasks3: list[str]) -> list[str]:
+    """The tasks whose accuracy a preference set is scored on. A set defined on a subset of
+    the tasks (``pairwise:a|b``: a and b; ``simplex3``: ``tasks3``) is scored on that subset
+    only: its preferences put no weight elsewhere and its fronts, metrics and plots read
+    nothing else, so a model-producing baseline evaluates only those test sets. Every other
+    set, and every set under ``preferences.score_all_tasks=true``, is scored on all tasks."""
+    if cfg.get("score_all_tasks", False):
+        return list(tasks)
+    if set_name.startswith("pairwise:"):
+        return list(set_name.split(":", 1)[1].split("|"))
+    if set_name == "simplex3":
+        return list(tasks3)
+    return list(tasks)
+
+
 def preferences_frame(sets: dict[str, np.ndarray], tasks: list[str]) -> pd.DataFrame:
     frames = []
     for name, p in sets.items():

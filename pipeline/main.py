@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import compat, lifecycle  # noqa: F401
 from .artifacts import run_artifacts
 from .cache import Cache, CacheLockError, disk_full
-from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets
+from .evaluate import evaluate, preference_sets, resolve_tasks3, scenario_sets, scored_tasks
 from .features import resolve_device
 from .merge import load_merged, run_merge
 from .methods import build_method, reference_accuracies, sweep
@@ -182,6 +182,7 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     ctx = prepare_context(cfg, cache, device)  # prepare (suite, calibration subsets) and merge
     tasks3 = resolve_tasks3(ctx.tasks, cfg.tasks3)
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
+    scored = {s: scored_tasks(cfg.preferences, s, ctx.tasks, tasks3) for s in sets}  # tasks read
     with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
         reference = reference_accuracies(ctx)
     frames, cost_rows, methods, stat_files = [], [], [], {}
@@ -195,7 +196,9 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
         stat_files[name] = [method.stats_path] if getattr(method, "stats_path", None) else []
         total = sum(len(p) for p in method_sets.values())
         with ctx.timed("sweep"), ctx.preference_bar(name, total):
-            frames += [sweep(ctx, method, s, p, reference) for s, p in method_sets.items()]
+            frames += [
+                sweep(ctx, method, s, p, reference, scored[s]) for s, p in method_sets.items()
+            ]
         cost_rows.append({"method": name, **method.cost, "device": str(device)})
     with ctx.timed("evaluate"):
         ev = evaluate(frames, sets, reference, cost_rows, ctx.tasks, tasks3, list(cfg.methods))

@@ -48,7 +48,12 @@ class Method:
     def fit(self, ctx: Context) -> None:  # offline, preference-independent stage
         pass
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:  # (P, T) -> (P, T)
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:
+        """(P, T) preferences -> (P, T) test accuracies. ``tasks``: indices of the tasks
+        asked for (None: all); the other columns may be NaN (a method that builds a model
+        per preference evaluates only those test sets)."""
         raise NotImplementedError
 
     def artifacts(self) -> dict[str, Path]:
@@ -122,21 +127,25 @@ class ReACT(Method):
             self.stats, p, aggregation=self.cfg.aggregation, dtype=torch.float32
         )
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:
         t0 = time.perf_counter()
-        out = np.zeros((len(prefs), len(ctx.tasks)))
-        test = []  # per task: merged test features, labels, head (on the device)
-        for task in ctx.tasks:
+        asked = range(len(ctx.tasks)) if tasks is None else tasks
+        out = np.full((len(prefs), len(ctx.tasks)), np.nan)
+        test = []  # per asked task: its index, merged test features, labels, head (on the device)
+        for j in asked:
+            task = ctx.tasks[j]
             z = ctx.features(ctx.merged, task, "test").to(ctx.device)
             if self.cfg.normalize_features:
                 z = torch.nn.functional.normalize(z, dim=-1)
             test.append(
-                (z, ctx.labels(task, "test").to(ctx.device), ctx.heads[task].to(ctx.device))
+                (j, z, ctx.labels(task, "test").to(ctx.device), ctx.heads[task].to(ctx.device))
             )
-        chunk = max(1, PREF_CHUNK_BYTES // (4 * max(z.numel() for z, _, _ in test)))
+        chunk = max(1, PREF_CHUNK_BYTES // (4 * max(z.numel() for _, z, _, _ in test)))
         for s in range(0, len(prefs), chunk):
             W = self.maps(prefs[s : s + chunk]).to(ctx.device)  # one solve per preference
-            for j, (z, y, head) in enumerate(test):
+            for j, z, y, head in test:
                 corrected = react.apply(W, z)  # (P, N, D)
                 out[s : s + chunk, j] = (
                     accuracy_from_features(corrected, head, y, ctx.suite.logit_scale).cpu().numpy()
@@ -152,7 +161,9 @@ class PreferenceTaskArithmetic(Method):
     name = "pref_ta"
     code = ("pipeline.methods", "merging.task_arithmetic", "merging._checks")
 
-    def accuracies(self, ctx: Context, prefs: np.ndarray) -> np.ndarray:
+    def accuracies(
+        self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
+    ) -> np.ndarray:
         t0 = time.perf_counter()
         pre, experts = ctx.task_vector_inputs
         out = preference_models_accuracies(
@@ -162,6 +173,7 @@ class PreferenceTaskArithmetic(Method):
             lambda p: merging.preference_task_arithmetic(
                 pre, experts, p.tolist(), scale=self.cfg.scale
             ),
+            tasks,
         )
         self.cost["query_seconds"] += time.perf_counter() - t0
         self.cost["queries"] += len(prefs)
@@ -170,25 +182,49 @@ class PreferenceTaskArithmetic(Method):
 
 
 def preference_models_accuracies(
-    ctx: Context, method: Method, prefs: np.ndarray, state_of: Callable[[np.ndarray], dict]
+    ctx: Context,
+    method: Method,
+    prefs: np.ndarray,
+    state_of: Callable[[np.ndarray], dict],
+    tasks: list[int] | None = None,
 ) -> np.ndarray:
-    """(P, T) accuracies of the model ``state_of(p)`` of each preference, through
-    :func:`models_accuracies`; a preference the method already answered in this run (the
-    sets share points: one-hot = the grid's vertices, equal = its centroid, the pairwise
-    sweeps' ends = one-hot) is not built and evaluated again: the same preference gives the
-    same model. The answers are kept on the method (``method.answered``)."""
+    """(P, T) accuracies of the model ``state_of(p)`` of each preference on the ``tasks``
+    asked for (indices; None: all; NaN elsewhere), through :func:`models_accuracies`. What
+    the method already answered in this run is not built and evaluated again (the sets
+    share points: one-hot = the grid's vertices, equal = its centroid, the pairwise sweeps'
+    ends = one-hot; the same preference gives the same model): a preference is evaluated
+    only on the asked tasks it has no accuracy for yet. The answers are kept on the method
+    (``method.answered``: preference -> (T,) accuracies, NaN where not evaluated). The
+    "preference" is whatever vector determines the model (MAP passes its chosen scalings)."""
+    T = len(ctx.tasks)
+    asked = list(range(T)) if tasks is None else [int(j) for j in tasks]
     keys = [np.round(p, 12).tobytes() for p in prefs]
-    new = {k: p for k, p in zip(keys, prefs, strict=True) if k not in method.answered}
-    rows = models_accuracies(ctx, (state_of(p) for p in new.values()), method.name)
-    method.answered.update(zip(new, rows, strict=True))
-    return np.array([method.answered[k] for k in keys]).reshape(-1, len(ctx.tasks))
+    todo: dict[tuple[int, ...], dict[bytes, np.ndarray]] = {}  # missing tasks -> preferences
+    for k, p in zip(keys, prefs, strict=True):
+        known = method.answered.get(k)
+        missing = tuple(j for j in asked if known is None or np.isnan(known[j]))
+        if missing and not any(k in group for group in todo.values()):
+            todo.setdefault(missing, {})[k] = p
+    for missing, group in todo.items():
+        rows = models_accuracies(
+            ctx, (state_of(p) for p in group.values()), method.name, tasks=list(missing)
+        )
+        for k, row in zip(group, rows, strict=True):
+            old = method.answered.get(k, np.full(T, np.nan))
+            method.answered[k] = np.where(np.isnan(row), old, row)
+    return np.array([method.answered[k] for k in keys]).reshape(-1, T)
 
 
 @torch.no_grad()
 def models_accuracies(
-    ctx: Context, states: Iterable[dict[str, torch.Tensor]], label: str, split: str = "test"
+    ctx: Context,
+    states: Iterable[dict[str, torch.Tensor]],
+    label: str,
+    split: str = "test",
+    tasks: list[int] | None = None,
 ) -> np.ndarray:
-    """(P, T) accuracy on every task's ``split`` of each model in ``states`` (image-tower state
+    """(P, T) accuracy on each asked task's ``split`` (``tasks``: indices, None: all; NaN
+    elsewhere) of each model in ``states`` (image-tower state
     dicts, e.g. one per preference), at the cost of its forward passes: the weights go straight
     into ``torch.func.functional_call`` (no module copy, no per-model feature unit; the sweep
     unit caches the accuracies), the same batches and precision as ``Context.features``. Each
@@ -198,15 +234,17 @@ def models_accuracies(
     visual = ctx.visual().to(ctx.device).eval()
     amp = bool(ctx.cfg.autocast) and ctx.device.type == "cuda"
     bs = int(ctx.cfg.batch_size)
+    asked = range(len(ctx.tasks)) if tasks is None else tasks
     data = [
-        (ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
-        for t in ctx.tasks
+        (j, ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
+        for j, t in ((j, ctx.tasks[j]) for j in asked)
     ]
     rows = []
     for state in states:
         params = {k: v.to(ctx.device) for k, v in state.items()}
-        row = []
-        for task, (images, y, head) in zip(ctx.tasks, data, strict=True):
+        row = np.full(len(ctx.tasks), np.nan)
+        for j, images, y, head in data:
+            task = ctx.tasks[j]
             z = []
             for s in range(0, len(images), bs):
                 x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
@@ -218,9 +256,7 @@ def models_accuracies(
                     f"{label} | {task}/{split}: non-finite embeddings; the model weights are "
                     "probably broken (check the merge / checkpoint)"
                 )
-            row.append(
-                float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
-            )
+            row[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
             ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
         rows.append(row)
         ctx.advance(1)
@@ -253,11 +289,18 @@ def reference_accuracies(ctx: Context) -> pd.DataFrame:
 
 
 def sweep(
-    ctx: Context, method: Method, set_name: str, p: np.ndarray, reference: pd.DataFrame
+    ctx: Context,
+    method: Method,
+    set_name: str,
+    p: np.ndarray,
+    reference: pd.DataFrame,
+    scored: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Accuracies of one method over one preference set: a cache unit (results.parquet);
-    normalised by the experts' accuracies in ``reference``."""
+    """Accuracies of one method over one preference set on the tasks it is ``scored`` on
+    (None: all; ``pipeline.evaluate.scored_tasks``; rows of the other tasks are left out):
+    a cache unit (results.parquet); normalised by the experts' accuracies in ``reference``."""
     expert_acc = {r.task: r.accuracy for r in reference[reference.label == "expert"].itertuples()}
+    scored = list(ctx.tasks) if scored is None else list(scored)
     material = {
         "method": method.material(),
         "merged": ctx.merged.key,
@@ -265,14 +308,17 @@ def sweep(
         "calibration_source": ctx.cfg.calibration.source,
         "preferences": np.round(p, 12).tolist(),
         "set": set_name,
+        "scored": scored,
         "code": code_version("pipeline.methods", *FEATURES),  # this function's own code
     }
 
     def compute(out: Path):
-        acc = method.accuracies(ctx, p)
-        long_results(method.name, set_name, acc, ctx.tasks, expert_acc).to_parquet(
-            out / "results.parquet", index=False
-        )
+        acc = method.accuracies(ctx, p, [ctx.tasks.index(t) for t in scored])
+        df = long_results(method.name, set_name, acc, ctx.tasks, expert_acc)
+        df = df[df.task.isin(scored)].reset_index(drop=True)
+        if df.accuracy.isna().any():
+            raise RuntimeError(f"{method.name} | {set_name}: no accuracy for a scored task")
+        df.to_parquet(out / "results.parquet", index=False)
 
     before = ctx.bar.n if ctx.bar is not None else 0
     unit = ctx.cache.unit("sweep", material, compute)

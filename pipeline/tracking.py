@@ -123,7 +123,7 @@ def preference_table(results: pd.DataFrame, prefs: pd.DataFrame, method: str) ->
     )
     tasks = list(dict.fromkeys(r.task))
     out = (100 * acc[tasks]).add_prefix("acc_").join((100 * norm[tasks]).add_prefix("norm_"))
-    out["avg_acc"] = 100 * acc[tasks].mean(axis=1)
+    out["avg_acc"] = 100 * acc[tasks].mean(axis=1, skipna=False)  # NaN: a set scored on a subset
     w = prefs.set_index(["pref_set", "pref_id"])[tasks].add_prefix("p_")
     return w.join(out, how="inner").reset_index()
 

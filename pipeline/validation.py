@@ -129,6 +129,7 @@ PREFERENCES = {
     "dirichlet_n": POSITIVE,
     "dirichlet_seed": SEED,
     "pairwise_steps": int_at_least(2),
+    "score_all_tasks": boolean,
 }
 
 

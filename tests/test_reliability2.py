@@ -209,6 +209,7 @@ def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, ke
         (f"preferences.pairs=[[{TASKS[0]}]]", f"preferences.pairs=[['{TASKS[0]}']]: each entry"),
         ("preferences.simplex_step=0", "preferences.simplex_step=0"),
         ("preferences.pairwise_steps=1", "preferences.pairwise_steps=1"),
+        ("preferences.score_all_tasks=some", "preferences.score_all_tasks='some': must be true"),
         ("methods=[react] fixed_methods=[react]", "fixed_methods=['react']: ['react'] also in"),
         ("fixed_methods=[surgery] baselines.surgery.lr=0", "baselines.surgery.lr=0"),
         ("methods=[map] baselines.map.fit=cubic", "baselines.map.fit='cubic'"),
