@@ -7,6 +7,9 @@ bf16 autocast on CUDA. On CPU the loop runs in fp32. The result is float32 (N, D
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -34,6 +37,57 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         sel = self.idx[i * self.batch_size : (i + 1) * self.batch_size]
         return torch.from_numpy(np.ascontiguousarray(self.images[sel]))
+
+
+def _pooled_token_block_forward(self, q_x, k_x=None, v_x=None, attn_mask=None):
+    """open_clip's ResidualAttentionBlock.forward, with the MLP half on the class token only
+    (``self._token_dim``: 1 batch-first, 0 sequence-first): the attention still reads every
+    token, and nothing after this block reads another token."""
+    x = q_x + self.ls_1(self.attention(q_x=self.ln_1(q_x), attn_mask=attn_mask))
+    x = x.narrow(self._token_dim, 0, 1)
+    return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def _last_block_if_pooled_token(visual: torch.nn.Module):
+    """The last block of an open_clip ``VisionTransformer`` whose output is its class token
+    (``pool_type='tok'``, no attentional pooler, no token output), else None."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if (
+        not blocks
+        or getattr(visual, "pool_type", None) != "tok"
+        or getattr(visual, "attn_pool", True) is not None
+        or getattr(visual, "output_tokens", True)
+    ):
+        return None
+    last = blocks[-1]
+    if type(last).__name__ != "ResidualAttentionBlock" or hasattr(last, "ln_1_kv"):
+        return None
+    return last
+
+
+@contextlib.contextmanager
+def pooled_token_only(visual: torch.nn.Module):
+    """Inference of a CLIP ViT whose embedding is its class token: inside, the last block
+    computes its MLP on the class token alone (its attention still reads every token). The
+    skipped rows are ones nothing reads, so the embeddings are the same math at 8/12 of the
+    last block's matmuls less per other token (``make bench``:
+    bench/results_preference_models.md). They are equal up to float rounding: bit-identical
+    for batches of 64 and more on the CPUs tested, a few ulps apart where the smaller matrix
+    takes another BLAS kernel (a batch of one row) - which is why the pipeline uses it only
+    for the model-producing baselines' sweeps (``pipeline.methods.models_accuracies``) and
+    not for the cached features ReACT is fitted on. Any other encoder runs as is. For
+    inference only: under autograd the weight gradients would sum fewer rows, in another
+    order. Yields whether the shortcut applies."""
+    last = _last_block_if_pooled_token(visual)
+    if last is None or "forward" in vars(last):  # not this shortcut, or already inside one
+        yield last is not None and hasattr(last, "_token_dim")
+        return
+    last._token_dim = 1 if getattr(visual.transformer, "batch_first", False) else 0
+    last.forward = types.MethodType(_pooled_token_block_forward, last)
+    try:
+        yield True
+    finally:
+        del last.forward, last._token_dim
 
 
 @torch.no_grad()

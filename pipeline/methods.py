@@ -22,7 +22,7 @@ import merging
 from correction import react
 
 from .codeversion import FEATURES, code_version
-from .features import accuracy_from_features
+from .features import accuracy_from_features, pooled_token_only
 from .stages import Context, ModelRef, long_results
 
 PREF_CHUNK_BYTES = 1 << 30  # cap on the (P, N, D) corrected-feature block per step
@@ -229,7 +229,6 @@ def models_accuracies(
     into ``torch.func.functional_call`` (no module copy, no per-model feature unit; the sweep
     unit caches the accuracies), the same batches and precision as ``Context.features``. Each
     model advances the running preference bar (``ctx.bar``)."""
-    from torch.func import functional_call
 
     visual = ctx.visual().to(ctx.device).eval()
     amp = bool(ctx.cfg.autocast) and ctx.device.type == "cuda"
@@ -239,28 +238,33 @@ def models_accuracies(
         (j, ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
         for j, t in ((j, ctx.tasks[j]) for j in asked)
     ]
-    rows = []
-    for state in states:
-        params = {k: v.to(ctx.device) for k, v in state.items()}
-        row = np.full(len(ctx.tasks), np.nan)
-        for j, images, y, head in data:
-            task = ctx.tasks[j]
-            z = []
-            for s in range(0, len(images), bs):
-                x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                    z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
-            z = torch.cat(z)
-            if not torch.isfinite(z).all():
-                raise FloatingPointError(
-                    f"{label} | {task}/{split}: non-finite embeddings; the model weights are "
-                    "probably broken (check the merge / checkpoint)"
-                )
-            row[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
-            ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
-        rows.append(row)
-        ctx.advance(1)
+    with pooled_token_only(visual):  # the embedding is the class token: skip the rest
+        rows = [_model_row(ctx, visual, state, data, label, split, amp, bs) for state in states]
     return np.array(rows, dtype=np.float64).reshape(-1, len(ctx.tasks))
+
+
+def _model_row(ctx, visual, state, data, label, split, amp, bs) -> np.ndarray:
+    """One model's (T,) accuracies on the ``data`` tasks (NaN elsewhere); advances the bar."""
+    from torch.func import functional_call
+
+    params = {k: v.to(ctx.device) for k, v in state.items()}
+    row = np.full(len(ctx.tasks), np.nan)
+    for j, images, y, head in data:
+        z = []
+        for s in range(0, len(images), bs):
+            x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+                z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
+        z = torch.cat(z)
+        if not torch.isfinite(z).all():
+            raise FloatingPointError(
+                f"{label} | {ctx.tasks[j]}/{split}: non-finite embeddings; the model weights "
+                "are probably broken (check the merge / checkpoint)"
+            )
+        row[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
+        ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
+    ctx.advance(1)
+    return row
 
 
 def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.ndarray:
