@@ -65,9 +65,27 @@ def suite_only_cache(built: Path, dst: Path) -> Path:
     return dst
 
 
+def matmul_rate(bursts: int = 5, reps: int = 20) -> float:
+    """The host's float32 matmul rate now (GFLOP/s, torch's default threads; the median of
+    ``bursts`` short bursts of the offline ViT's MLP matmul, 4352 x 128 @ 128 x 512). A
+    shared machine's speed drifts by 1.5x within a day: printed beside each time so that two
+    runs can be compared, never used to correct one."""
+    import torch
+
+    a, b = torch.randn(4352, 128), torch.randn(128, 512)
+    rates = []
+    for _ in range(bursts):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        rates.append(2 * 4352 * 128 * 512 * reps / (time.perf_counter() - t0) / 1e9)
+    return sorted(rates)[len(rates) // 2]
+
+
 def time_target(target: str, fast: bool, make_args: list[str], env: dict, timeout: float) -> dict:
     cmd = ["make", target, *make_args, *(["FAST=1"] if fast else [])]
     load = os.getloadavg()[0]
+    rate_before = matmul_rate()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -77,11 +95,13 @@ def time_target(target: str, fast: bool, make_args: list[str], env: dict, timeou
         tail = (proc.stdout + proc.stderr)[-2000:] if proc.returncode else ""
     except subprocess.TimeoutExpired:
         status, tail = f"stopped after {timeout / 60:.0f} min", ""
+    seconds = time.perf_counter() - t0
     return {
         "command": " ".join(shlex.quote(c) for c in cmd),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
         "status": status,
         "load": load,
+        "rate": (rate_before, matmul_rate()),
         "tail": tail,
     }
 
@@ -97,8 +117,10 @@ def table(rows: dict, settings: list[str]) -> str:
                 cells.append("")
                 continue
             m = r["seconds"] / 60
+            rate = r.get("rate")
+            host = f", matmul {rate[0]:.0f} / {rate[1]:.0f} GFLOP/s" if rate else ""
             cells.append(
-                f"{m:.1f} min (load {r['load']:.1f})"
+                f"{m:.1f} min (load {r['load']:.1f}{host})"
                 + ("" if r["status"] == "ok" else f" {r['status']}")
             )
         lines.append(f"| `make {target}` | " + " | ".join(cells) + " |")
@@ -136,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             f"suite warm-up (`make demo`, first run): {warm['seconds'] / 60:.1f} min, "
             f"{warm['status']}. Wall-clock minutes, each run with a cache holding only the "
             "built suite (it computes its own merges, features, statistics and sweeps); the "
-            "load average before each run is given because a shared machine slows every "
-            "number.\n\n" + table(rows, settings) + "\n"
+            "load average before each run and the host's float32 matmul rate before / after "
+            "it (`matmul_rate`) are given because a shared machine slows every number.\n\n"
+            + table(rows, settings)
+            + "\n"
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -40,8 +40,16 @@ def test_table_reports_every_run_with_its_status_and_load():
         "table1": {
             "fast": {"seconds": 90, "status": "ok", "load": 1.0},
             "full": {"seconds": 1500, "status": "stopped after 25 min", "load": 2.04},
-        }
+        },
+        "compare": {"full": {"seconds": 600, "status": "ok", "load": 1.9, "rate": (151.2, 98.6)}},
     }
-    assert tt.table(rows, ["fast", "full"]).splitlines()[-1] == (
+    lines = tt.table(rows, ["fast", "full"]).splitlines()
+    assert lines[-2] == (
         "| `make table1` | 1.5 min (load 1.0) | 25.0 min (load 2.0) stopped after 25 min |"
     )
+    assert lines[-1] == "| `make compare` |  | 10.0 min (load 1.9, matmul 151 / 99 GFLOP/s) |"
+
+
+def test_matmul_rate_is_a_positive_rate():
+    rate = _module().matmul_rate(bursts=3, reps=2)
+    assert 0.1 < rate < 1e6
