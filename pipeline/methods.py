@@ -131,10 +131,9 @@ class ReACT(Method):
         self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None
     ) -> np.ndarray:
         t0 = time.perf_counter()
-        asked = range(len(ctx.tasks)) if tasks is None else tasks
         out = np.full((len(prefs), len(ctx.tasks)), np.nan)
         test = []  # per asked task: its index, merged test features, labels, head (on the device)
-        for j in asked:
+        for j in _asked(ctx, tasks):
             task = ctx.tasks[j]
             z = ctx.features(ctx.merged, task, "test").to(ctx.device)
             if self.cfg.normalize_features:
@@ -197,13 +196,13 @@ def preference_models_accuracies(
     (``method.answered``: preference -> (T,) accuracies, NaN where not evaluated). The
     "preference" is whatever vector determines the model (MAP passes its chosen scalings)."""
     T = len(ctx.tasks)
-    asked = list(range(T)) if tasks is None else [int(j) for j in tasks]
+    asked = _asked(ctx, tasks)
     keys = [np.round(p, 12).tobytes() for p in prefs]
     todo: dict[tuple[int, ...], dict[bytes, np.ndarray]] = {}  # missing tasks -> preferences
-    for k, p in zip(keys, prefs, strict=True):
+    for k, p in dict(zip(keys, prefs, strict=True)).items():  # each preference once
         known = method.answered.get(k)
         missing = tuple(j for j in asked if known is None or np.isnan(known[j]))
-        if missing and not any(k in group for group in todo.values()):
+        if missing:
             todo.setdefault(missing, {})[k] = p
     for missing, group in todo.items():
         rows = models_accuracies(
@@ -229,42 +228,46 @@ def models_accuracies(
     into ``torch.func.functional_call`` (no module copy, no per-model feature unit; the sweep
     unit caches the accuracies), the same batches and precision as ``Context.features``. Each
     model advances the running preference bar (``ctx.bar``)."""
+    from torch.func import functional_call
 
     visual = ctx.visual().to(ctx.device).eval()
     amp = bool(ctx.cfg.autocast) and ctx.device.type == "cuda"
     bs = int(ctx.cfg.batch_size)
-    asked = range(len(ctx.tasks)) if tasks is None else tasks
-    data = [
-        (j, ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
-        for j, t in ((j, ctx.tasks[j]) for j in asked)
-    ]
+    data = []  # per asked task: its index, images, labels (on the device), head
+    for j in _asked(ctx, tasks):
+        t = ctx.tasks[j]
+        data.append(
+            (j, ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
+        )
+
+    def row(state: dict[str, torch.Tensor]) -> np.ndarray:
+        params = {k: v.to(ctx.device) for k, v in state.items()}
+        out = np.full(len(ctx.tasks), np.nan)
+        for j, images, y, head in data:
+            z = []
+            for s in range(0, len(images), bs):
+                x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+                    z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
+            z = torch.cat(z)
+            if not torch.isfinite(z).all():
+                raise FloatingPointError(
+                    f"{label} | {ctx.tasks[j]}/{split}: non-finite embeddings; the model "
+                    "weights are probably broken (check the merge / checkpoint)"
+                )
+            out[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
+            ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
+        ctx.advance(1)
+        return out
+
     with pooled_token_only(visual):  # the embedding is the class token: skip the rest
-        rows = [_model_row(ctx, visual, state, data, label, split, amp, bs) for state in states]
+        rows = [row(state) for state in states]
     return np.array(rows, dtype=np.float64).reshape(-1, len(ctx.tasks))
 
 
-def _model_row(ctx, visual, state, data, label, split, amp, bs) -> np.ndarray:
-    """One model's (T,) accuracies on the ``data`` tasks (NaN elsewhere); advances the bar."""
-    from torch.func import functional_call
-
-    params = {k: v.to(ctx.device) for k, v in state.items()}
-    row = np.full(len(ctx.tasks), np.nan)
-    for j, images, y, head in data:
-        z = []
-        for s in range(0, len(images), bs):
-            x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
-            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
-        z = torch.cat(z)
-        if not torch.isfinite(z).all():
-            raise FloatingPointError(
-                f"{label} | {ctx.tasks[j]}/{split}: non-finite embeddings; the model weights "
-                "are probably broken (check the merge / checkpoint)"
-            )
-        row[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
-        ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
-    ctx.advance(1)
-    return row
+def _asked(ctx: Context, tasks: list[int] | None) -> list[int]:
+    """Task indices a method is asked for: ``tasks``, or every task when None."""
+    return list(range(len(ctx.tasks))) if tasks is None else [int(j) for j in tasks]
 
 
 def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.ndarray:
