@@ -18,6 +18,9 @@
   max(k_a, k_b) / D on average (``chance_overlap``), the level to read an overlap against.
 - ``gain_share``: how much of the experts' gain over zero-shot a merge keeps,
   (merge - zeroshot) / (expert - zeroshot), per task and for the task averages.
+- ``task_vector_cosines``: cosine similarity of the flattened task vectors
+  tau_t = theta_t - theta_0 (every floating-point entry of the state dicts), the measure of
+  how separately the experts moved the weights (near 0 for CLIP's experts).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "pairwise_overlaps",
     "principal_subspace",
     "subspace_overlap",
+    "task_vector_cosines",
 ]
 
 
@@ -187,3 +191,37 @@ def gain_share(merged, zeroshot, expert) -> GainShare:
     avg_gain = e.mean() - z.mean()
     average = float((m.mean() - z.mean()) / avg_gain) if avg_gain != 0 else float("nan")
     return GainShare(per_task, average)
+
+
+def task_vector_cosines(pretrained, experts: Sequence) -> np.ndarray:
+    """(T, T) cosines <tau_a, tau_b> / (|tau_a| |tau_b|) of the task vectors
+    tau_t = experts[t] - pretrained, each flattened over every floating-point entry (keys in
+    ``pretrained``'s order; tensors or arrays, computed in float64). A zero task vector has
+    no direction: its row and column are NaN (1 on the diagonal otherwise)."""
+    keys = [k for k, v in pretrained.items() if np.issubdtype(_array(v).dtype, np.floating)]
+    if not keys:
+        raise ValueError("task_vector_cosines: the pretrained state has no floating-point entry")
+    base = np.concatenate([_array(pretrained[k]).ravel() for k in keys])
+    taus = []
+    for t, e in enumerate(experts):
+        missing = [k for k in keys if k not in e]
+        if missing:
+            raise ValueError(f"task_vector_cosines: expert {t} lacks {missing[:3]}")
+        taus.append(np.concatenate([_array(e[k]).ravel() for k in keys]) - base)
+    tau = np.stack(taus)
+    norms = np.linalg.norm(tau, axis=1)
+    gram = tau @ tau.T
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = gram / np.outer(norms, norms)
+    cos[norms == 0, :] = np.nan
+    cos[:, norms == 0] = np.nan
+    return cos
+
+
+def _array(v) -> np.ndarray:
+    """float64 numpy view of a tensor or array (floating kinds), other dtypes as they are."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        return v.double().numpy() if v.is_floating_point() else v.numpy()
+    a = np.asarray(v)
+    return a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a

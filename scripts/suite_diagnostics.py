@@ -23,6 +23,12 @@ no baseline result**, only what tells whether the suite sits in the paper's regi
 - the pairwise overlaps of the tasks' TA-merged test-feature subspaces (mean squared cosine
   of the principal angles between the top-k_t principal subspaces, k_t = the task's
   90%-energy dimension; chance level max(k_a, k_b) / D);
+- how separately the experts moved the weights: the cosines of the task vectors
+  (``evaluation.diagnostics.task_vector_cosines``), and Task Arithmetic on every **pair**
+  of tasks (theta_0 + lambda (tau_a + tau_b), lambda picked per pair on the two tasks'
+  validation split from ``--pair-grid``, default 0.2, 0.4, ..., 1.0): each pair's test
+  accuracy normalised by the experts' and the share of the two experts' gain it keeps
+  (cached, one unit per suite and grid);
 - the paper-regime targets, each met / not met with its number: zero-shot average 40-70% of
   the experts'; TA keeping 30-70% of the experts' gain; TA < TIES < AdaMerging in average
   accuracy; every expert at >= 85%.
@@ -53,6 +59,7 @@ import merging  # noqa: E402
 import pipeline  # noqa: E402,F401  (torchvision guard first)
 from evaluation import diagnostics as dg  # noqa: E402
 from pipeline.cache import Cache, atomic_write_text  # noqa: E402
+from pipeline.codeversion import code_version  # noqa: E402
 from pipeline.main import (  # noqa: E402
     apply_runtime,
     compose_config,
@@ -61,7 +68,7 @@ from pipeline.main import (  # noqa: E402
     script_output_dir,
 )
 from pipeline.merge import load_merged, merge_material, run_merge  # noqa: E402
-from pipeline.methods import model_accuracies  # noqa: E402
+from pipeline.methods import model_accuracies, models_accuracies  # noqa: E402
 from pipeline.stages import Context, ModelRef  # noqa: E402
 
 FAST_ADAMERGING_STEPS = 100
@@ -72,7 +79,7 @@ TARGETS = {  # the paper's regime (issue 11)
 }
 
 
-def parse_grid(spec: str) -> list[float]:
+def parse_grid(spec: str, flag: str = "--lambda-grid") -> list[float]:
     """``start:stop:step`` (inclusive) or a comma list -> sorted lambdas > 0 (6 decimals)."""
     try:
         if ":" in spec:
@@ -84,12 +91,12 @@ def parse_grid(spec: str) -> list[float]:
             values = np.array([float(v) for v in spec.split(",")])
     except ValueError:
         raise ValueError(
-            f"--lambda-grid {spec!r}: give start:stop:step (e.g. 0.05:1.0:0.05) or a comma "
+            f"{flag} {spec!r}: give start:stop:step (e.g. 0.05:1.0:0.05) or a comma "
             "list (e.g. 0.1,0.3,0.5)"
         ) from None
     grid = sorted({round(float(v), 6) for v in values})
     if not grid or grid[0] <= 0:
-        raise ValueError(f"--lambda-grid {spec!r}: every lambda must be > 0, got {grid}")
+        raise ValueError(f"{flag} {spec!r}: every lambda must be > 0, got {grid}")
     return grid
 
 
@@ -112,7 +119,73 @@ def merged_ref(ctx: Context, merge_cfg, label: str) -> tuple[ModelRef, float]:
     ), seconds
 
 
-def measure(cfg, merges: dict, grid: list[float], energy: float) -> dict:
+def task_vector_merges(ctx: Context, grid: list[float], experts_acc: np.ndarray) -> dict:
+    """Merges of one or two task vectors (one cache unit per suite, grid and code):
+
+    - the gain curve of each task: theta_0 + lambda tau_t on task t's test split for every
+      lambda of ``grid``, as the share of its expert's gain over zero-shot (lambda = 1 is
+      the expert: share 1);
+    - Task Arithmetic on every pair a < b, theta_0 + lambda (tau_a + tau_b): lambda picked
+      on the pair's average validation accuracy (the first best), then both tasks' test
+      accuracies, their mean normalised accuracy (acc / expert) and the share of the
+      experts' gain kept (``gain_share`` of the two-task averages)."""
+    T = len(ctx.tasks)
+    pairs = [(a, b) for a in range(T) for b in range(a + 1, T)]
+
+    def state(tasks: tuple[int, ...], lam: float):
+        w = [lam if t in tasks else 0.0 for t in range(T)]
+        return merging.weighted_task_arithmetic(*ctx.task_vector_inputs, w)
+
+    def compute(out: Path):
+        curves = [
+            models_accuracies(ctx, (state((t,), lam) for lam in grid), "pairs", "test", [t])[
+                :, t
+            ].tolist()
+            for t in range(T)
+        ]
+        rows = []
+        for a, b in pairs:
+            val = models_accuracies(
+                ctx, (state((a, b), lam) for lam in grid), "pairs", "val", [a, b]
+            )[:, [a, b]]
+            lam = grid[int(np.argmax(val.mean(axis=1)))]
+            test = models_accuracies(ctx, [state((a, b), lam)], "pairs", "test", [a, b])
+            rows.append({"a": a, "b": b, "lambda": lam, "test": test[0, [a, b]].tolist()})
+        atomic_write_text(out / "merges.json", json.dumps({"curves": curves, "pairs": rows}))
+
+    material = {
+        "suite": ctx.suite.key,
+        "grid": grid,
+        "code": code_version("merging.task_arithmetic", "pipeline.methods", "pipeline.features"),
+    }
+    unit = ctx.cache.unit("diagnostics_task_vectors", material, compute)
+    saved = json.loads(unit.file("merges.json").read_text())
+    zs = np.asarray(model_accuracies(ctx, ctx.pretrained_ref()))
+    curves = {
+        task: dg.gain_share(
+            saved["curves"][t], np.full(len(grid), zs[t]), np.full(len(grid), experts_acc[t])
+        ).per_task.tolist()
+        for t, task in enumerate(ctx.tasks)
+    }
+    normalized, kept, lambdas = (np.full((T, T), np.nan) for _ in range(3))
+    for r in saved["pairs"]:
+        a, b, acc = r["a"], r["b"], np.asarray(r["test"])
+        idx = [a, b]
+        normalized[a, b] = normalized[b, a] = float(np.mean(acc / experts_acc[idx]))
+        kept[a, b] = kept[b, a] = dg.gain_share(acc, zs[idx], experts_acc[idx]).average
+        lambdas[a, b] = lambdas[b, a] = r["lambda"]
+    return {
+        "grid": grid,
+        "gain_curve": curves,
+        "lambda": lambdas.tolist(),
+        "normalized_accuracy": normalized.tolist(),
+        "gain_kept": kept.tolist(),
+        "mean_normalized_accuracy": _offdiag_nanmean(normalized),
+        "mean_gain_kept": _offdiag_nanmean(kept),
+    }
+
+
+def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list[float]) -> dict:
     """Every number of the regime report (see the module docstring); plain JSON types."""
     device = apply_runtime(cfg)
     cache = Cache(cfg.paths.cache_dir)
@@ -161,7 +234,12 @@ def measure(cfg, merges: dict, grid: list[float], energy: float) -> dict:
             row["pooled"] = _ed(dg.effective_dimension(pooled, energy, weights=w))
         geometry[model] = row
     ov = dg.pairwise_overlaps(feats["Task Arithmetic"], energy)
+    cosines = dg.task_vector_cosines(*ctx.task_vector_inputs)
     seconds["geometry"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pairs = task_vector_merges(ctx, pair_grid, np.asarray(acc["experts"]))
+    seconds["one and two task vectors"] = time.perf_counter() - t
 
     zs, ex = acc["zero-shot"], acc["experts"]
     shares = {
@@ -199,6 +277,11 @@ def measure(cfg, merges: dict, grid: list[float], energy: float) -> dict:
             "mean_offdiagonal": _offdiag_mean(ov.overlap),
             "mean_offdiagonal_chance": _offdiag_mean(ov.chance),
         },
+        "task_vector_cosines": {
+            "cosine": cosines.tolist(),
+            "mean_offdiagonal": _offdiag_mean(cosines),
+        },
+        "pairs": pairs,
         "targets": targets(acc, shares),
         "seconds": seconds,
         "cache": {"computed": events.count("computed"), "hits": events.count("hit")},
@@ -319,6 +402,42 @@ def markdown(r: dict, command: str) -> str:
             for j in range(len(tasks))
         ]
         out.append(f"| {t} | " + " | ".join(cells) + " |")
+    cos, pr = r["task_vector_cosines"], r["pairs"]
+    out += [
+        "",
+        "How separately the experts moved the weights. Upper triangle: cosine of the task "
+        "vectors tau_a, tau_b (every float weight). Lower triangle: Task Arithmetic on the pair "
+        "alone, theta_0 + lambda (tau_a + tau_b) with lambda picked on the pair's validation "
+        f"split from {', '.join(f'{v:g}' for v in pr['grid'])}: test accuracy normalised by "
+        "the experts' (mean of the two) and, in brackets, the share of the two experts' gain "
+        f"kept. Mean cosine {cos['mean_offdiagonal']:.2f}; pairs: mean normalised accuracy "
+        f"{pct(pr['mean_normalized_accuracy'])}%, mean gain kept {frac(pr['mean_gain_kept'])}.",
+        "",
+        "| | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for i, t in enumerate(tasks):
+        cells = []
+        for j in range(len(tasks)):
+            if i == j:
+                cells.append("1")
+            elif j > i:
+                cells.append(f"{cos['cosine'][i][j]:.2f}")
+            else:
+                cells.append(
+                    f"{pct(pr['normalized_accuracy'][i][j])} ({frac(pr['gain_kept'][i][j])})"
+                )
+        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Gain curve of each task vector alone: share of its expert's gain over zero-shot that "
+        "theta_0 + lambda tau_t keeps on its own task (test; lambda = 1 is the expert):",
+        "",
+        "| lambda | " + " | ".join(tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for i, lam in enumerate(pr["grid"]):
+        out.append(f"| {lam:g} | " + " | ".join(frac(pr["gain_curve"][t][i]) for t in tasks) + " |")
     out += ["", "Targets (the paper's regime):", "", "| target | value | |", "|---|---|---|"]
     out += [
         f"| {g['target']} | {g['shown']} | {'met' if g['met'] else '**not met**'} |"
@@ -359,6 +478,13 @@ def _offdiag_mean(m: np.ndarray) -> float:
     return float(m[~np.eye(len(m), dtype=bool)].mean())
 
 
+def _offdiag_nanmean(m: np.ndarray) -> float:
+    """Mean of the off-diagonal entries that are defined (NaN when none is)."""
+    v = m[~np.eye(len(m), dtype=bool)]
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else float("nan")
+
+
 def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
@@ -386,6 +512,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="Task Arithmetic lambdas tried on the validation split: start:stop:step or a,b,c",
     )
     ap.add_argument(
+        "--pair-grid",
+        default="0.2:1.0:0.2",
+        help="lambdas of the pairwise Task Arithmetic merges (validation): start:stop:step or a,b,c",
+    )
+    ap.add_argument(
         "--energy", type=float, default=0.9, help="energy fraction of the effective dimension"
     )
     args, cfg = script_config(ap, argv)
@@ -398,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     try:
         grid = parse_grid(args.lambda_grid)
+        pair_grid = parse_grid(args.pair_grid, "--pair-grid")
     except ValueError as e:
         ap.error(str(e))
     if not 0 < args.energy <= 1:
@@ -415,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = script_output_dir(args.out, cfg, "diagnostics")
 
     t0 = time.perf_counter()
-    result = measure(cfg, merges, grid, args.energy)
+    result = measure(cfg, merges, grid, args.energy, pair_grid)
     result["seconds"]["total"] = time.perf_counter() - t0
     result["command"] = "python scripts/suite_diagnostics.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
