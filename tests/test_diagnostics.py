@@ -161,10 +161,44 @@ def test_gain_share_formula():
         dg.gain_share([0.1, 0.2], [0.1], [0.3])
 
 
+def test_task_vector_cosines_against_a_flat_computation():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    pre = {
+        "w": torch.randn(4, 3, generator=g),
+        "b": torch.randn(5, generator=g),
+        "step": torch.tensor(3),
+    }  # an integer entry: not a weight
+    experts = [
+        {
+            k: (v + torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 1)
+            for k, v in pre.items()
+        }
+        for _ in range(3)
+    ]
+    experts.append(dict(pre))  # a zero task vector
+    got = dg.task_vector_cosines(pre, experts)
+    flat = [
+        np.concatenate([(e[k] - pre[k]).double().numpy().ravel() for k in ("w", "b")])
+        for e in experts[:3]
+    ]
+    for i in range(3):
+        for j in range(3):
+            want = flat[i] @ flat[j] / np.linalg.norm(flat[i]) / np.linalg.norm(flat[j])
+            assert got[i, j] == pytest.approx(want, abs=1e-12)
+    assert np.isnan(got[3]).all() and np.isnan(got[:, 3]).all()
+    np_pre = {k: v.numpy() for k, v in pre.items()}  # arrays as well as tensors
+    np.testing.assert_allclose(dg.task_vector_cosines(np_pre, experts[:3]), got[:3, :3])
+    with pytest.raises(ValueError, match="lacks"):
+        dg.task_vector_cosines(pre, [{"w": pre["w"]}])
+
+
 # ---------------------------------------------------------------------- the command
 SCRIPT = ROOT / "scripts" / "suite_diagnostics.py"
 TINY = ["suite=offline_tiny", "logger=disabled", "progress=false", "num_threads=1"]
 GRID = [0.1, 0.3, 0.5]
+PAIR_GRID = [0.5, 1.0]
 
 
 def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -179,6 +213,8 @@ def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProc
         "2",
         "--lambda-grid",
         "0.1:0.5:0.2",
+        "--pair-grid",
+        ",".join(map(str, PAIR_GRID)),
         *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -243,7 +279,62 @@ def recomputed(diag):
         res = [run(s, t, "test") for s, t in zip(states, tasks, strict=True)]
         out["acc"][name] = [a for a, _ in res]
         out["feats"][name] = [z for _, z in res]
+    # one and two task vectors: theta_0 + lambda tau_t, theta_0 + lambda (tau_a + tau_b)
+    T = len(tasks)
+
+    def weighted(idx, lam):
+        return merging.weighted_task_arithmetic(
+            pre, experts, [lam if t in idx else 0.0 for t in range(T)]
+        )
+
+    out["curves"] = [
+        [run(weighted((t,), lam), tasks[t], "test")[0] for lam in PAIR_GRID] for t in range(T)
+    ]
+    out["pairs"] = {}
+    for a in range(T):
+        for b in range(a + 1, T):
+            val = [
+                np.mean([run(weighted((a, b), lam), tasks[t], "val")[0] for t in (a, b)])
+                for lam in PAIR_GRID
+            ]
+            lam = PAIR_GRID[int(np.argmax(val))]
+            test = [run(weighted((a, b), lam), tasks[t], "test")[0] for t in (a, b)]
+            out["pairs"][a, b] = (lam, test)
+
+    def flat(sd):
+        return torch.cat([v.double().flatten() for v in sd.values() if v.is_floating_point()])
+
+    taus = torch.stack([flat(e) - flat(pre) for e in experts])
+    out["cosines"] = torch.nn.functional.cosine_similarity(
+        taus[:, None, :], taus[None, :, :], dim=-1
+    ).numpy()
     return out
+
+
+@pytest.mark.slow
+def test_task_vector_merges_match_a_direct_computation(diag, recomputed):
+    _, proc, r = diag
+    tasks, acc = recomputed["tasks"], recomputed["acc"]
+    zs, ex = np.array(acc["zero-shot"]), np.array(acc["experts"])
+    pr = r["pairs"]
+    assert pr["grid"] == PAIR_GRID
+    for t, task in enumerate(tasks):
+        want = [(c - zs[t]) / (ex[t] - zs[t]) for c in recomputed["curves"][t]]
+        np.testing.assert_allclose(pr["gain_curve"][task], want, atol=1e-12)
+    norms, kept = [], []
+    for (a, b), (lam, test) in recomputed["pairs"].items():
+        assert pr["lambda"][a][b] == pr["lambda"][b][a] == lam
+        norm = np.mean([test[0] / ex[a], test[1] / ex[b]])
+        share = (np.mean(test) - zs[[a, b]].mean()) / (ex[[a, b]].mean() - zs[[a, b]].mean())
+        assert pr["normalized_accuracy"][a][b] == pytest.approx(norm, abs=1e-12)
+        assert pr["gain_kept"][b][a] == pytest.approx(share, abs=1e-9)
+        norms.append(norm)
+        kept.append(share)
+    assert pr["mean_normalized_accuracy"] == pytest.approx(np.mean(norms))
+    assert pr["mean_gain_kept"] == pytest.approx(np.mean(kept))
+    np.testing.assert_allclose(r["task_vector_cosines"]["cosine"], recomputed["cosines"], atol=1e-9)
+    assert "How separately the experts moved the weights" in proc.stdout
+    assert "Gain curve of each task vector alone" in proc.stdout
 
 
 @pytest.mark.slow
@@ -355,6 +446,7 @@ def test_bad_arguments_fail_before_any_work(capsys, tmp_path):
         (["--lambda-grid", "0,0.5"], "must be > 0"),
         (["merge=ties"], "fixed merges"),
         (["--energy", "1.5"], "--energy"),
+        (["--pair-grid", "0,1"], "--pair-grid"),
         (["--adamerging-steps", "-1"], "--adamerging-steps"),
     ):
         with pytest.raises(SystemExit) as e:
