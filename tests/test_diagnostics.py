@@ -180,7 +180,7 @@ def test_task_vector_cosines_against_a_flat_computation():
     experts.append(dict(pre))  # a zero task vector
     got = dg.task_vector_cosines(pre, experts)
     flat = [
-        np.concatenate([(e[k] - pre[k]).double().numpy().ravel() for k in ("w", "b")])
+        np.concatenate([(e[k].double() - pre[k].double()).numpy().ravel() for k in ("w", "b")])
         for e in experts[:3]
     ]
     for i in range(3):
