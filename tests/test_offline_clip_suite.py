@@ -195,6 +195,7 @@ def test_second_build_is_a_cache_hit_with_identical_heads(built):
         ("suite.tasks=[mnist,unicorns]", "unknown offline tasks"),
         ("suite.train_threads=0", "train_threads must be null or an integer >= 1"),
         ("suite.data_workers=two", "data_workers must be null or an integer >= 1"),
+        ("suite.finetune.trainable=mlp", "trainable must be one of"),
     ],
 )
 def test_bad_config_is_rejected_before_work(tmp_path, override, match):
@@ -202,6 +203,36 @@ def test_bad_config_is_rejected_before_work(tmp_path, override, match):
     with pytest.raises(ValueError, match=match):
         build_suite(cfg, Cache(tmp_path), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("trainable", ["all", "attention"])
+def test_finetune_updates_exactly_the_trainable_weights(built, trainable):
+    """``suite.finetune.trainable=attention`` moves every attention weight and nothing else;
+    ``all`` moves every weight of the tower."""
+    from omegaconf import OmegaConf
+
+    from pipeline.suites import offline_train
+
+    cfg, _, suite = built
+    ft = OmegaConf.merge(cfg.finetune, {"steps": 3, "trainable": trainable, "warmup_steps": 1})
+    x, y = suite.split("mnist", "train")
+    pre = suite.pretrained_state()
+    state, _ = offline_train.finetune(
+        suite.model_config,
+        pre,
+        suite.heads()["mnist"],
+        x,
+        y,
+        ft,
+        suite.logit_scale,
+        suite.mean,
+        suite.std,
+        progress=False,
+    )
+    assert state.keys() == pre.keys()
+    for key in pre:
+        moved = not torch.equal(state[key], pre[key])
+        assert moved == (trainable == "all" or ".attn." in key), key
 
 
 def test_merge_pretrained_is_theta_0(built, tmp_path):

@@ -284,6 +284,24 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, n_classes: in
 
 
 # ---------------------------------------------------------------------------- experts
+TRAINABLE = ("all", "attention")
+
+
+def trainable_parameters(visual: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+    """The parameters an expert's fine-tuning updates (``which`` in ``TRAINABLE``); the others
+    get ``requires_grad=False``."""
+    if which not in TRAINABLE:
+        raise ValueError(f"suite.finetune.trainable must be one of {TRAINABLE}; got {which!r}")
+    out = []
+    for name, p in visual.named_parameters():
+        p.requires_grad_(which == "all" or ".attn." in name)
+        if p.requires_grad:
+            out.append(p)
+    if not out:
+        raise ValueError(f"suite.finetune.trainable={which}: the image tower has no such weights")
+    return out
+
+
 def finetune(
     model_config: dict[str, Any],
     pretrained: dict[str, torch.Tensor],
@@ -297,17 +315,23 @@ def finetune(
     desc: str = "expert",
     progress: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Fine-tune the whole image tower under a frozen head. Returns (visual state, stats)."""
+    """Fine-tune the image tower under a frozen head. Returns (visual state, stats).
+
+    ``cfg.trainable``: ``all`` (the whole tower, the task-vectors protocol) or ``attention``
+    (only the attention modules' weights, every ``.attn.`` parameter, the rest frozen at the
+    pretrained values: the recipe of Jin et al., ICLR 2025, reported to make task vectors
+    more weight-disentangled)."""
     torch.manual_seed(int(cfg.seed))
     visual = build_visual(model_config)
     visual.load_state_dict(pretrained)
     visual.train()
+    params = trainable_parameters(visual, str(cfg.get("trainable", "all")))
     head = head.detach().clone().requires_grad_(False)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     x_all = _unit(images)
     y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     n = len(y_all)
-    opt = _optimizer(visual.parameters(), cfg)
+    opt = _optimizer(params, cfg)
     steps, bs = int(cfg.steps), min(int(cfg.batch_size), n)
     order, pos = torch.randperm(n, generator=gen), 0
     losses, correct, seen = [], 0, 0
@@ -326,7 +350,7 @@ def finetune(
         loss = F.cross_entropy(logits, y_all[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), float(cfg.grad_clip))
+        torch.nn.utils.clip_grad_norm_(params, float(cfg.grad_clip))
         opt.step()
         losses.append(loss.item())
         if step >= steps - 20:
