@@ -18,6 +18,10 @@
   max(k_a, k_b) / D on average (``chance_overlap``), the level to read an overlap against.
 - ``gain_share``: how much of the experts' gain over zero-shot a merge keeps,
   (merge - zeroshot) / (expert - zeroshot), per task and for the task averages.
+- ``head_overlaps``: the same overlap for the tasks' classification heads: the span of each
+  task's class vectors after removing their mean (a vector added to every class changes no
+  prediction within the task), rank <= C - 1. High overlap means a feature change made for
+  one task's classes is read by another task's head.
 - ``task_vector_cosines``: cosine similarity of the flattened task vectors
   tau_t = theta_t - theta_0 (every floating-point entry of the state dicts), the measure of
   how separately the experts moved the weights (near 0 for CLIP's experts).
@@ -39,6 +43,7 @@ __all__ = [
     "effective_dimension",
     "energy_dimension",
     "gain_share",
+    "head_overlaps",
     "pairwise_overlaps",
     "principal_subspace",
     "subspace_overlap",
@@ -165,6 +170,29 @@ def pairwise_overlaps(
     overlap = np.array([[subspace_overlap(bases[i], bases[j]) for j in range(T)] for i in range(T)])
     chance = np.array([[chance_overlap(dims[i], dims[j], D) for j in range(T)] for i in range(T)])
     return SubspaceOverlaps(overlap, chance, dims, energy)
+
+
+def head_overlaps(heads: Sequence, rtol: float = 1e-6) -> SubspaceOverlaps:
+    """Overlaps of every pair of tasks' head subspaces; ``heads``: one (C_t, D) array of
+    class vectors per task. A task's subspace: the right singular vectors of its centred
+    class vectors with singular values above ``rtol`` times the largest (``dims``: their
+    number, C_t - 1 for distinct classes; ``energy`` is reported as 1.0)."""
+    hs = [_features(h, f"head of task {i}") for i, h in enumerate(heads)]
+    if len({h.shape[1] for h in hs}) != 1:
+        raise ValueError(f"tasks' heads differ in D: {[h.shape[1] for h in hs]}")
+    D = hs[0].shape[1]
+    bases = []
+    for i, h in enumerate(hs):
+        _, sv, vt = np.linalg.svd(h - h.mean(axis=0), full_matrices=False)
+        k = int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0
+        if k == 0:
+            raise ValueError(f"head of task {i}: its class vectors are all equal (no subspace)")
+        bases.append(vt[:k].T)
+    dims = [b.shape[1] for b in bases]
+    T = len(bases)
+    overlap = np.array([[subspace_overlap(bases[i], bases[j]) for j in range(T)] for i in range(T)])
+    chance = np.array([[chance_overlap(dims[i], dims[j], D) for j in range(T)] for i in range(T)])
+    return SubspaceOverlaps(overlap, chance, dims, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,8 @@ no baseline result**, only what tells whether the suite sits in the paper's regi
 - the pairwise overlaps of the tasks' TA-merged test-feature subspaces (mean squared cosine
   of the principal angles between the top-k_t principal subspaces, k_t = the task's
   90%-energy dimension; chance level max(k_a, k_b) / D);
+- the pairwise overlaps of the tasks' head subspaces (``evaluation.diagnostics.head_overlaps``:
+  the span of each task's centred class vectors), the same measure and chance level;
 - how separately the experts moved the weights: the cosines of the task vectors
   (``evaluation.diagnostics.task_vector_cosines``), and Task Arithmetic on every **pair**
   of tasks (theta_0 + lambda (tau_a + tau_b), lambda picked per pair on the two tasks'
@@ -234,6 +236,7 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
             row["pooled"] = _ed(dg.effective_dimension(pooled, energy, weights=w))
         geometry[model] = row
     ov = dg.pairwise_overlaps(feats["Task Arithmetic"], energy)
+    hov = dg.head_overlaps([ctx.heads[task] for task in tasks])
     cosines = dg.task_vector_cosines(*ctx.task_vector_inputs)
     seconds["geometry"] = time.perf_counter() - t
 
@@ -276,6 +279,14 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
             "chance": ov.chance.tolist(),
             "mean_offdiagonal": _offdiag_mean(ov.overlap),
             "mean_offdiagonal_chance": _offdiag_mean(ov.chance),
+        },
+        "head_overlap": {
+            "heads": "each task's class vectors, centred (rank <= C - 1)",
+            "dims": dict(zip(tasks, hov.dims, strict=True)),
+            "overlap": hov.overlap.tolist(),
+            "chance": hov.chance.tolist(),
+            "mean_offdiagonal": _offdiag_mean(hov.overlap),
+            "mean_offdiagonal_chance": _offdiag_mean(hov.chance),
         },
         "task_vector_cosines": {
             "cosine": cosines.tolist(),
@@ -393,15 +404,18 @@ def markdown(r: dict, command: str) -> str:
         f"{ed['energy']:.0%}-energy dimension); in brackets the chance level max(k_a, k_b) / D. "
         f"Mean off-diagonal {so['mean_offdiagonal']:.2f} (chance {so['mean_offdiagonal_chance']:.2f}).",
         "",
-        "| | " + " | ".join(f"{t} (k {so['dims'][t]})" for t in tasks) + " |",
-        "|---" * (len(tasks) + 1) + "|",
+        *_overlap_table(tasks, so),
     ]
-    for i, t in enumerate(tasks):
-        cells = [
-            f"{so['overlap'][i][j]:.2f} ({so['chance'][i][j]:.2f})" if i != j else "1"
-            for j in range(len(tasks))
-        ]
-        out.append(f"| {t} | " + " | ".join(cells) + " |")
+    ho = r["head_overlap"]
+    out += [
+        "",
+        "Pairwise overlap of the tasks' head subspaces (the span of each task's class vectors "
+        "after removing their mean: what a prediction within the task reads; k = C - 1), as "
+        "above, chance in brackets. Mean off-diagonal "
+        f"{ho['mean_offdiagonal']:.2f} (chance {ho['mean_offdiagonal_chance']:.2f}).",
+        "",
+        *_overlap_table(tasks, ho),
+    ]
     cos, pr = r["task_vector_cosines"], r["pairs"]
     out += [
         "",
@@ -463,6 +477,21 @@ def markdown(r: dict, command: str) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _overlap_table(tasks: list[str], ov: dict) -> list[str]:
+    """Markdown rows of a pairwise overlap matrix (``ov``: dims, overlap, chance)."""
+    rows = [
+        "| | " + " | ".join(f"{t} (k {ov['dims'][t]})" for t in tasks) + " |",
+        "|---" * (len(tasks) + 1) + "|",
+    ]
+    for i, t in enumerate(tasks):
+        cells = [
+            f"{ov['overlap'][i][j]:.2f} ({ov['chance'][i][j]:.2f})" if i != j else "1"
+            for j in range(len(tasks))
+        ]
+        rows.append(f"| {t} | " + " | ".join(cells) + " |")
+    return rows
 
 
 def _ed(e: dg.EffectiveDimension) -> dict:

@@ -161,6 +161,25 @@ def test_gain_share_formula():
         dg.gain_share([0.1, 0.2], [0.1], [0.3])
 
 
+def test_head_overlaps_against_scipy_principal_angles():
+    rng = np.random.default_rng(0)
+    D = 12
+    shared = rng.normal(size=D)  # a vector common to all classes of a task: no direction
+    heads = [shared + rng.normal(size=(c, D)) for c in (4, 3, 2)]
+    heads.append(heads[0] @ np.eye(D) + 5.0)  # task 0's classes shifted: the same subspace
+    got = dg.head_overlaps(heads)
+    assert got.dims == [3, 2, 1, 3] and got.energy == 1.0
+    bases = [scipy.linalg.orth((h - h.mean(0)).T) for h in heads]
+    for i in range(4):
+        for j in range(4):
+            cos = np.cos(scipy.linalg.subspace_angles(bases[i], bases[j]))
+            assert got.overlap[i, j] == pytest.approx(np.mean(cos**2), abs=1e-9)
+            assert got.chance[i, j] == pytest.approx(max(got.dims[i], got.dims[j]) / D)
+    assert got.overlap[0, 3] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="all equal"):
+        dg.head_overlaps([np.ones((3, D))])
+
+
 def test_task_vector_cosines_against_a_flat_computation():
     import torch
 
@@ -270,6 +289,7 @@ def recomputed(diag):
         pre, experts, scale=ties_cfg.scale, density=ties_cfg.density, merge=ties_cfg.combine
     )
     out = {"tasks": tasks, "val": val, "lambda": best, "acc": {}, "feats": {}}
+    out["heads"] = [heads[t].double().numpy() for t in tasks]
     for name, states in (
         ("zero-shot", [pre] * len(tasks)),
         ("experts", experts),
@@ -415,6 +435,14 @@ def test_geometry_matches_numpy_and_scipy(diag, recomputed):
         w, v = np.linalg.eigh(c)
         bases.append(v[:, np.argsort(w)[::-1][:k]])
     D = r["D"]
+    # the heads' subspaces: the span of each task's centred class vectors
+    ho = r["head_overlap"]
+    hb = [scipy.linalg.orth((h - h.mean(0)).T) for h in recomputed["heads"]]
+    for i in range(len(tasks)):
+        assert ho["dims"][tasks[i]] == hb[i].shape[1]
+        for j in range(len(tasks)):
+            cos = np.cos(scipy.linalg.subspace_angles(hb[i], hb[j]))
+            assert ho["overlap"][i][j] == pytest.approx(np.mean(cos**2), abs=1e-6)
     for i in range(len(tasks)):
         for j in range(len(tasks)):
             cos = np.cos(scipy.linalg.subspace_angles(bases[i], bases[j]))
