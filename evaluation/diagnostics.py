@@ -166,7 +166,13 @@ def pairwise_overlaps(
     D = feats[0].shape[1]
     dims = [energy_dimension(covariance_spectrum(f, centered), energy) for f in feats]
     bases = [principal_subspace(f, k, centered) for f, k in zip(feats, dims, strict=True)]
-    T = len(feats)
+    return _overlaps(bases, D, energy)
+
+
+def _overlaps(bases: list[np.ndarray], D: int, energy: float) -> SubspaceOverlaps:
+    """Every pair's ``subspace_overlap`` and ``chance_overlap`` of orthonormal (D, k_t) bases."""
+    dims = [b.shape[1] for b in bases]
+    T = len(bases)
     overlap = np.array([[subspace_overlap(bases[i], bases[j]) for j in range(T)] for i in range(T)])
     chance = np.array([[chance_overlap(dims[i], dims[j], D) for j in range(T)] for i in range(T)])
     return SubspaceOverlaps(overlap, chance, dims, energy)
@@ -188,11 +194,7 @@ def head_overlaps(heads: Sequence, rtol: float = 1e-6) -> SubspaceOverlaps:
         if k == 0:
             raise ValueError(f"head of task {i}: its class vectors are all equal (no subspace)")
         bases.append(vt[:k].T)
-    dims = [b.shape[1] for b in bases]
-    T = len(bases)
-    overlap = np.array([[subspace_overlap(bases[i], bases[j]) for j in range(T)] for i in range(T)])
-    chance = np.array([[chance_overlap(dims[i], dims[j], D) for j in range(T)] for i in range(T)])
-    return SubspaceOverlaps(overlap, chance, dims, 1.0)
+    return _overlaps(bases, D, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,10 +228,11 @@ def task_vector_cosines(pretrained, experts: Sequence) -> np.ndarray:
     tau_t = experts[t] - pretrained, each flattened over every floating-point entry (keys in
     ``pretrained``'s order; tensors or arrays, computed in float64). A zero task vector has
     no direction: its row and column are NaN (1 on the diagonal otherwise)."""
-    keys = [k for k, v in pretrained.items() if np.issubdtype(_array(v).dtype, np.floating)]
+    pre = {k: _array(v) for k, v in pretrained.items()}
+    keys = [k for k, v in pre.items() if np.issubdtype(v.dtype, np.floating)]
     if not keys:
         raise ValueError("task_vector_cosines: the pretrained state has no floating-point entry")
-    base = np.concatenate([_array(pretrained[k]).ravel() for k in keys])
+    base = np.concatenate([pre[k].ravel() for k in keys])
     taus = []
     for t, e in enumerate(experts):
         missing = [k for k in keys if k not in e]

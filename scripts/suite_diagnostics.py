@@ -121,7 +121,9 @@ def merged_ref(ctx: Context, merge_cfg, label: str) -> tuple[ModelRef, float]:
     ), seconds
 
 
-def task_vector_merges(ctx: Context, grid: list[float], experts_acc: np.ndarray) -> dict:
+def task_vector_merges(
+    ctx: Context, grid: list[float], zs: np.ndarray, experts_acc: np.ndarray
+) -> dict:
     """Merges of one or two task vectors (one cache unit per suite, grid and code):
 
     - the gain curve of each task: theta_0 + lambda tau_t on task t's test split for every
@@ -130,7 +132,8 @@ def task_vector_merges(ctx: Context, grid: list[float], experts_acc: np.ndarray)
     - Task Arithmetic on every pair a < b, theta_0 + lambda (tau_a + tau_b): lambda picked
       on the pair's average validation accuracy (the first best), then both tasks' test
       accuracies, their mean normalised accuracy (acc / expert) and the share of the
-      experts' gain kept (``gain_share`` of the two-task averages)."""
+      experts' gain kept (``gain_share`` of the two-task averages).
+    ``zs`` / ``experts_acc``: (T,) test accuracies of zero-shot and of each expert."""
     T = len(ctx.tasks)
     pairs = [(a, b) for a in range(T) for b in range(a + 1, T)]
 
@@ -162,7 +165,6 @@ def task_vector_merges(ctx: Context, grid: list[float], experts_acc: np.ndarray)
     }
     unit = ctx.cache.unit("diagnostics_task_vectors", material, compute)
     saved = json.loads(unit.file("merges.json").read_text())
-    zs = np.asarray(model_accuracies(ctx, ctx.pretrained_ref()))
     curves = {
         task: dg.gain_share(
             saved["curves"][t], np.full(len(grid), zs[t]), np.full(len(grid), experts_acc[t])
@@ -241,7 +243,9 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
     seconds["geometry"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pairs = task_vector_merges(ctx, pair_grid, np.asarray(acc["experts"]))
+    pairs = task_vector_merges(
+        ctx, pair_grid, np.asarray(acc["zero-shot"]), np.asarray(acc["experts"])
+    )
     seconds["one and two task vectors"] = time.perf_counter() - t
 
     zs, ex = acc["zero-shot"], acc["experts"]

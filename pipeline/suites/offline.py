@@ -138,11 +138,7 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
                 f"suite.{section} needs steps >= 1, batch_size >= 2 and lr > 0; got "
                 f"steps={c.steps} batch_size={c.batch_size} lr={c.lr}"
             )
-    trainable = cfg.finetune.get("trainable", "all")
-    if trainable not in offline_train.TRAINABLE:
-        raise ValueError(
-            f"suite.finetune.trainable must be one of {offline_train.TRAINABLE}; got {trainable!r}"
-        )
+    offline_train.check_trainable(cfg.finetune.get("trainable", "all"))
     for key in ("train_threads", "data_workers"):
         v = cfg.get(key)
         if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):

@@ -287,11 +287,16 @@ def class_prototypes(features: torch.Tensor, labels: torch.Tensor, n_classes: in
 TRAINABLE = ("all", "attention")
 
 
+def check_trainable(which) -> None:
+    """Raise ValueError unless ``which`` is a ``suite.finetune.trainable`` value."""
+    if which not in TRAINABLE:
+        raise ValueError(f"suite.finetune.trainable must be one of {TRAINABLE}; got {which!r}")
+
+
 def trainable_parameters(visual: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
     """The parameters an expert's fine-tuning updates (``which`` in ``TRAINABLE``); the others
     get ``requires_grad=False``."""
-    if which not in TRAINABLE:
-        raise ValueError(f"suite.finetune.trainable must be one of {TRAINABLE}; got {which!r}")
+    check_trainable(which)
     out = []
     for name, p in visual.named_parameters():
         p.requires_grad_(which == "all" or ".attn." in name)
