@@ -196,10 +196,13 @@ def test_second_build_is_a_cache_hit_with_identical_heads(built):
         ("suite.train_threads=0", "train_threads must be null or an integer >= 1"),
         ("suite.data_workers=two", "data_workers must be null or an integer >= 1"),
         ("suite.finetune.trainable=mlp", "trainable must be one of"),
+        ("suite.pretrain.ssl.weight=-1", "weight >= 0"),
+        ("suite.pretrain.ssl.temperature=0", "temperature > 0"),
     ],
 )
 def test_bad_config_is_rejected_before_work(tmp_path, override, match):
-    cfg = suite_cfg(overrides=[override])
+    extra = ["suite.pretrain.ssl.weight=1"] if "ssl.temperature" in override else []
+    cfg = suite_cfg(overrides=[override, *extra])
     with pytest.raises(ValueError, match=match):
         build_suite(cfg, Cache(tmp_path), progress=False)
     assert not any(tmp_path.iterdir())
@@ -233,6 +236,54 @@ def test_finetune_updates_exactly_the_trainable_weights(built, trainable):
     for key in pre:
         moved = not torch.equal(state[key], pre[key])
         assert moved == (trainable == "all" or ".attn." in key), key
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_pretraining_loss_is_clip_plus_weighted_simclr(built, monkeypatch, weight):
+    """The pretraining loss of one batch, recomputed here from the same initial towers and
+    projection head: CLIP's symmetric cross-entropy of the first view plus ``weight`` times
+    NT-Xent of the two views (written out with log-softmax); weight 0 is CLIP alone and
+    the returned state holds the two towers only (the projection head is discarded)."""
+    from omegaconf import OmegaConf
+
+    from pipeline.suites import offline_train
+
+    cfg, _, suite = built
+    pre = OmegaConf.merge(cfg.pretrain, {"steps": 1, "augment": None, "ssl": {"weight": weight}})
+    x = torch.randint(0, 256, (8, 3, 28, 28), dtype=torch.uint8).numpy()
+    tokens = offline_text.tokenize(["a photo of a seven"] * 4 + ["a handwritten digit"] * 4, 12)
+    seen = {}
+    real = offline_train._balanced_training
+
+    def capture(params, pools, c, gen, desc, progress, loss_of, after_step=None):
+        batch = torch.from_numpy(pools[0]).float().div(255.0)
+        seen["loss"] = loss_of(batch, torch.arange(8)).item()
+        return real(params, pools, c, gen, desc, progress, loss_of, after_step)
+
+    monkeypatch.setattr(offline_train, "_balanced_training", capture)
+    pre.batch_size = 8
+    state, _ = offline_train.pretrain_clip(
+        suite.model_config, [x], [tokens], pre, suite.mean, suite.std, progress=False
+    )
+    assert state.keys() == build_clip(suite.model_config).state_dict().keys()
+
+    torch.manual_seed(int(pre.seed))
+    model = build_clip(suite.model_config)
+    head = offline_train.ssl_projection(model.visual.output_dim, int(pre.ssl.hidden))
+    with torch.no_grad():
+        inp = (torch.from_numpy(x).float() / 255.0 - 0.5) / 0.5
+        e = model.visual(inp)
+        img, txt = F.normalize(e, dim=-1), F.normalize(model.encode_text(tokens), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.T
+        diag = torch.arange(8)
+        clip = -(logits.log_softmax(1)[diag, diag].mean() + logits.log_softmax(0)[diag, diag].mean()) / 2
+        z = F.normalize(head(e), dim=-1).repeat(2, 1)  # the two views are equal (no augmentation)
+        sim = z @ z.T / float(pre.ssl.temperature)
+        sim.fill_diagonal_(float("-inf"))
+        partner = torch.cat([diag + 8, diag])
+        simclr = -sim.log_softmax(1)[torch.arange(16), partner].mean()
+    expected = clip + weight * simclr
+    assert seen["loss"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_merge_pretrained_is_theta_0(built, tmp_path):

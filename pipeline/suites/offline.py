@@ -131,6 +131,18 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
                 "suite.pretrain.method=clip pretrains on a pool held out from the tasks: set "
                 "suite.split.pretrain_fraction > 0"
             )
+    ssl = cfg.pretrain.get("ssl")
+    if ssl is not None and float(ssl.weight) != 0:
+        if method != "clip" or float(ssl.weight) < 0:
+            raise ValueError(
+                "suite.pretrain.ssl (SLIP's SimCLR term) needs suite.pretrain.method=clip and "
+                f"weight >= 0; got method={method!r} weight={ssl.weight}"
+            )
+        if float(ssl.temperature) <= 0 or int(ssl.hidden) < 1:
+            raise ValueError(
+                "suite.pretrain.ssl needs temperature > 0 and hidden >= 1; got "
+                f"temperature={ssl.temperature} hidden={ssl.hidden}"
+            )
     for section in ("pretrain", "finetune"):
         c = cfg[section]
         if int(c.steps) < 1 or int(c.batch_size) < 2 or float(c.lr) <= 0:

@@ -128,6 +128,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
+def ssl_projection(dim: int, hidden: int) -> torch.nn.Module:
+    """SimCLR's projection head: Linear(dim, hidden) -> ReLU -> Linear(hidden, dim)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, dim)
+    ).train()
+
+
 # ---------------------------------------------------------------------------- pretraining
 def _balanced_training(
     params, pools, cfg, gen, desc: str, progress: bool, loss_of, after_step=None
@@ -206,31 +213,50 @@ def pretrain_clip(
     batches are drawn task-balanced. Loss: mean of the image->text and text->image cross
     entropies of ``exp(s) * normalize(f(x)) @ normalize(g(y))^T`` with CLIP's learnable
     temperature s (clamped at log 100). Returns (whole CLIP state dict, stats).
+
+    With ``cfg.ssl.weight`` w > 0 the recipe is SLIP's (Mu et al., ECCV 2022): each image is
+    augmented twice, the caption loss above is taken on the first view, and w times SimCLR's
+    NT-Xent (temperature ``cfg.ssl.temperature``) of the two views' image embeddings, each
+    through a 2-layer MLP projection (``cfg.ssl.hidden`` units, trained here and discarded),
+    is added. w = 0 (or no ``ssl`` section) is the plain CLIP loss, bit for bit.
     """
     from ..suite import build_clip
 
     torch.manual_seed(int(cfg.seed))
     model = build_clip(model_config).train()
+    ssl = cfg.get("ssl")
+    ssl_weight = 0.0 if ssl is None else float(ssl.weight)
+    params = list(model.parameters())
+    if ssl_weight > 0:
+        ssl_head = ssl_projection(int(model.visual.output_dim), int(ssl.hidden))
+        params += list(ssl_head.parameters())
     gen = torch.Generator().manual_seed(int(cfg.seed))
     flat_tokens = torch.cat(tokens)
     target = torch.arange(int(cfg.batch_size))
 
+    def view(x):
+        return x if cfg.augment is None else augment(x, gen, cfg.augment)
+
     def loss_of(x, idx):
-        if cfg.augment is not None:
-            x = augment(x, gen, cfg.augment)
-        img = model.encode_image(_to_input(x, mean, std), normalize=True)
+        v1 = view(x)
+        if ssl_weight > 0:
+            e1, e2 = model.encode_image(_to_input(torch.cat([v1, view(x)]), mean, std)).chunk(2)
+        else:
+            e1 = model.encode_image(_to_input(v1, mean, std))
+        img = F.normalize(e1, dim=-1)
         txt = model.encode_text(flat_tokens[idx], normalize=True)
         logits = model.logit_scale.exp() * img @ txt.T
-        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        if ssl_weight > 0:
+            loss = loss + ssl_weight * nt_xent(ssl_head(e1), ssl_head(e2), float(ssl.temperature))
+        return loss
 
     @torch.no_grad()
     def clamp_temperature():
         model.logit_scale.clamp_(0, math.log(100.0))
 
-    desc = "offline suite: pretraining mini-CLIP"
-    losses = _balanced_training(
-        model.parameters(), pools, cfg, gen, desc, progress, loss_of, clamp_temperature
-    )
+    desc = "offline suite: pretraining mini-CLIP" + (" + SimCLR (SLIP)" if ssl_weight > 0 else "")
+    losses = _balanced_training(params, pools, cfg, gen, desc, progress, loss_of, clamp_temperature)
     stats = {**_loss_stats(losses), "logit_scale": float(model.logit_scale.detach().exp())}
     return _state(model), stats
 
