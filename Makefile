@@ -45,11 +45,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(RUN) $(HARGS)
 
+# --dist loadscope: each test module runs on one worker, so its module-scoped fixtures (a
+# pipeline run, a sweep) are built once, not once per worker (BENCHMARKS.md: test suite)
 test: venv
-	$(PY) -m pytest -q -n 2 --timeout 900 --durations=15 $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope --timeout 900 --durations=15 $(ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadscope -m "not slow" $(ARGS)
 
 test-reliability: venv
 	$(PY) -m pytest -q -m reliability $(ARGS)
