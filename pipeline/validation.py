@@ -140,6 +140,27 @@ def check_keys(node, prefix: str, rules: dict[str, Callable[[str, Any], None]]) 
             rule(f"{prefix}{key}", node[key])
 
 
+# Every setting of the offline suites is a number, null or a list of numbers but these
+OFFLINE_SUITE_TEXT = ("name", "tasks", "figure_pairs", "pretrain.method", "finetune.trainable")
+
+
+def check_numbers(node, prefix: str, text_keys=(), _rel: str = "") -> None:
+    """Each leaf of ``node`` is a number, null or a list of numbers, except the dotted keys
+    ``text_keys`` (relative to ``node``); ``prefix`` names the node in the message."""
+    for key in node:
+        rel = f"{_rel}{key}"
+        value = node[key]
+        if rel in text_keys:
+            continue
+        if OmegaConf.is_dict(value):
+            check_numbers(value, prefix, text_keys, rel + ".")
+        elif OmegaConf.is_list(value):
+            if not all(_is_number(v) for v in value):
+                _fail(f"{prefix}{rel}", value, "must be a list of numbers")
+        elif value is not None and not _is_number(value):
+            _fail(f"{prefix}{rel}", value, "must be a number")
+
+
 def _names(cfg, key: str, allow_empty: bool) -> list[str]:
     value = OmegaConf.select(cfg, key)
     if not isinstance(value, (list, ListConfig)) or not all(isinstance(v, str) for v in value):
@@ -230,6 +251,8 @@ def validate_config(cfg: DictConfig) -> None:
             "suite.name", cfg.suite.name, f"unknown suite; choose suite= one of {sorted(BUILDERS)}"
         )
     builder = importlib.import_module(BUILDERS[cfg.suite.name])
+    if cfg.suite.name == "offline":
+        check_numbers(cfg.suite, "suite.", OFFLINE_SUITE_TEXT)
     if hasattr(builder, "validate"):  # the suite's own keys (task names, splits, model)
         builder.validate(cfg.suite, cfg.backbone)
     tasks = list(cfg.suite.tasks)

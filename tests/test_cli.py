@@ -72,6 +72,11 @@ def test_help_into_a_pipe_closed_early_prints_no_traceback(tmp_path):
     [
         ("calibration.size=1.5", "react-merging: error: calibration.size=1.5 is a fraction", 2),
         ("methods=[react,nope]", "react-merging: error: unknown method 'nope'", 2),
+        (
+            "suite.finetune.weight_decay=abc",
+            "react-merging: error: suite.finetune.weight_decay='abc': must be a number",
+            2,
+        ),
         ("no_such_key=1", "Key 'no_such_key' is not in struct", 8),  # Hydra's composition message
     ],
 )
