@@ -62,6 +62,7 @@ bench: venv
 	$(PY) bench/bench_pipeline.py
 	$(PY) bench/bench_preference_models.py
 	$(PY) bench/bench_suite_data.py
+	$(PY) bench/bench_forward_processes.py
 
 lint: venv
 	$(PY) -m ruff check .
