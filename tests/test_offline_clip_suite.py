@@ -271,7 +271,8 @@ def test_pretraining_loss_is_clip_plus_weighted_simclr(built, monkeypatch, weigh
     model = build_clip(suite.model_config)
     head = offline_train.ssl_projection(model.visual.output_dim, int(pre.ssl.hidden))
     with torch.no_grad():
-        inp = (torch.from_numpy(x).float() / 255.0 - 0.5) / 0.5
+        m, s = (torch.tensor(v).view(1, 3, 1, 1) for v in (suite.mean, suite.std))
+        inp = (torch.from_numpy(x).float() / 255.0 - m) / s
         e = model.visual(inp)
         img, txt = F.normalize(e, dim=-1), F.normalize(model.encode_text(tokens), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
