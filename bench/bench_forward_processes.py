@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                         model_config, image_size, procs, threads, args.batches, args.batch_size
                     )
                 )
-        base = sorted(rates[next(iter(variants))])[len(rates[next(iter(variants))]) // 2]
+        base = statistics.median(next(iter(rates.values())))
         out.append(
             f"{args.batches} batches of {args.batch_size} images per variant, "
             f"{args.repeats} interleaved rounds, median (min-max) images per second:\n"
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         out.append("| variant | images / s | vs the pipeline's |")
         out.append("|---|---|---|")
         for name, r in rates.items():
-            med = sorted(r)[len(r) // 2]
+            med = statistics.median(r)
             out.append(f"| {name} | {med:.0f} ({min(r):.0f}-{max(r):.0f}) | {med / base:.2f}x |")
         out.append("")
 

@@ -140,10 +140,6 @@ def check_keys(node, prefix: str, rules: dict[str, Callable[[str, Any], None]]) 
             rule(f"{prefix}{key}", node[key])
 
 
-# Every setting of the offline suites is a number, null or a list of numbers but these
-OFFLINE_SUITE_TEXT = ("name", "tasks", "figure_pairs", "pretrain.method", "finetune.trainable")
-
-
 def check_numbers(node, prefix: str, text_keys=(), _rel: str = "") -> None:
     """Each leaf of ``node`` is a number, null or a list of numbers, except the dotted keys
     ``text_keys`` (relative to ``node``); ``prefix`` names the node in the message."""
@@ -251,8 +247,8 @@ def validate_config(cfg: DictConfig) -> None:
             "suite.name", cfg.suite.name, f"unknown suite; choose suite= one of {sorted(BUILDERS)}"
         )
     builder = importlib.import_module(BUILDERS[cfg.suite.name])
-    if cfg.suite.name == "offline":
-        check_numbers(cfg.suite, "suite.", OFFLINE_SUITE_TEXT)
+    if hasattr(builder, "TEXT_KEYS"):  # a suite whose other settings are all numbers
+        check_numbers(cfg.suite, "suite.", builder.TEXT_KEYS)
     if hasattr(builder, "validate"):  # the suite's own keys (task names, splits, model)
         builder.validate(cfg.suite, cfg.backbone)
     tasks = list(cfg.suite.tasks)

@@ -68,6 +68,11 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+# Every setting of the suite is a number, null or a list of numbers but these (checked by
+# pipeline.validation.validate_config before validate() below)
+TEXT_KEYS = ("name", "tasks", "figure_pairs", "pretrain.method", "finetune.trainable")
+
+
 def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
     """Raise ValueError naming the bad key before any expensive work.
 
@@ -132,17 +137,17 @@ def validate(cfg: DictConfig, backbone: DictConfig | None = None) -> None:
                 "suite.split.pretrain_fraction > 0"
             )
     ssl = cfg.pretrain.get("ssl")
-    if ssl is not None and float(ssl.weight) != 0:
-        if method != "clip" or float(ssl.weight) < 0:
-            raise ValueError(
-                "suite.pretrain.ssl (SLIP's SimCLR term) needs suite.pretrain.method=clip and "
-                f"weight >= 0; got method={method!r} weight={ssl.weight}"
-            )
-        if float(ssl.temperature) <= 0 or int(ssl.hidden) < 1:
-            raise ValueError(
-                "suite.pretrain.ssl needs temperature > 0 and hidden >= 1; got "
-                f"temperature={ssl.temperature} hidden={ssl.hidden}"
-            )
+    weight = 0.0 if ssl is None else float(ssl.weight)
+    if weight < 0 or (weight > 0 and method != "clip"):
+        raise ValueError(
+            "suite.pretrain.ssl (SLIP's SimCLR term) needs suite.pretrain.method=clip and "
+            f"weight >= 0; got method={method!r} weight={weight}"
+        )
+    if weight > 0 and (float(ssl.temperature) <= 0 or int(ssl.hidden) < 1):
+        raise ValueError(
+            "suite.pretrain.ssl needs temperature > 0 and hidden >= 1; got "
+            f"temperature={ssl.temperature} hidden={ssl.hidden}"
+        )
     for section in ("pretrain", "finetune"):
         c = cfg[section]
         if int(c.steps) < 1 or int(c.batch_size) < 2 or float(c.lr) <= 0:

@@ -132,7 +132,7 @@ def ssl_projection(dim: int, hidden: int) -> torch.nn.Module:
     """SimCLR's projection head: Linear(dim, hidden) -> ReLU -> Linear(hidden, dim)."""
     return torch.nn.Sequential(
         torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, dim)
-    ).train()
+    )
 
 
 # ---------------------------------------------------------------------------- pretraining
