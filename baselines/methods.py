@@ -122,7 +122,13 @@ class MAP(Method):
         def compute(out: Path):
             T = len(ctx.tasks)
             scalings = map_lib.sample_scalings(T, c.samples, seed=int(c.seed))
-            acc = np.stack([self._accuracies(ctx, s, "val", self.SAMPLE_LABEL) for s in scalings])
+            inputs = ctx.task_vector_inputs
+            acc = models_accuracies(  # theta_0 + sum_k s_k tau_k, built lazily, not kept
+                ctx,
+                (merging.weighted_task_arithmetic(*inputs, _rounded(s)) for s in scalings),
+                self.SAMPLE_LABEL,
+                "val",
+            )
             coefs = np.stack(
                 [
                     map_lib.fit_quadratic(scalings, acc[:, k], how=c.fit, eps=float(c.fit_eps))
@@ -156,12 +162,6 @@ class MAP(Method):
         self._offline_passes = ctx.forward_passes.get(self.SAMPLE_LABEL, 0) - before
         self.cost["forward_passes"] = self._offline_passes
         self.cost["offline_seconds"] += time.perf_counter() - t0
-
-    def _accuracies(self, ctx: Context, scaling: np.ndarray, split: str, label: str) -> np.ndarray:
-        """Accuracy on every task of theta_0 + sum_k scaling_k tau_k (the fit and the sweep are
-        cached units; the merges themselves are not kept)."""
-        state = merging.weighted_task_arithmetic(*ctx.task_vector_inputs, _rounded(scaling))
-        return models_accuracies(ctx, [state], label, split)[0]
 
     def accuracies(
         self, ctx: Context, prefs: np.ndarray, tasks: list[int] | None = None

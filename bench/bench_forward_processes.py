@@ -1,11 +1,13 @@
 """Forward passes of the offline suite's image tower on a CPU: one process on all its torch
-threads against one process per core on one thread each, the same images in every variant.
+threads, Python threads of one torch thread each, and one process per core on one thread
+each, the same images in every variant.
 
     python bench/bench_forward_processes.py [--batches 48] [--batch-size 256] [Hydra overrides]
 
-The question it answers: on a small CPU, is intra-op threading (what the pipeline does:
-one process, ``num_threads`` threads) the fastest way to run the model-producing baselines'
-many preference models, or would models scored in parallel processes be faster? Each
+The question it answers: on a small CPU, is intra-op threading (one process, ``num_threads``
+threads on one model at a time) the fastest way to run the model-producing baselines' many
+preference models, or models side by side in Python threads of one torch thread each (what
+``models_accuracies`` does on a CPU), or in parallel processes? Each
 variant runs ``--batches`` batches in all (split evenly over its processes) through the
 suite's ViT (random weights: the cost of a forward pass does not depend on their values)
 under ``inference_mode`` with ``pipeline.features.pooled_token_only``, as
@@ -21,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,16 +39,27 @@ from pipeline.suites.offline_train import clip_kwargs  # noqa: E402
 
 
 def _worker(model_config, image_size, threads, batches, batch_size, ready, go, done) -> None:
-    torch.set_num_threads(threads)
+    """``threads`` = (torch threads, Python threads): with several Python threads, each runs
+    its share of the batches on its own copy of the model (as ``models_accuracies`` does)."""
+    torch_threads, py_threads = threads
+    torch.set_num_threads(torch_threads)
     torch.manual_seed(0)
-    model = build_clip(model_config).visual.eval()
+    models = [build_clip(model_config).visual.eval() for _ in range(py_threads)]
     x = torch.randn(batch_size, 3, image_size, image_size)
-    with torch.inference_mode(), pooled_token_only(model):
-        model(x)  # warm-up: allocator, kernels
+
+    def run(model, n):
+        with torch.inference_mode(), pooled_token_only(model):
+            for _ in range(n):
+                model(x)
+
+    with ThreadPoolExecutor(
+        py_threads, initializer=torch.set_num_threads, initargs=(torch_threads,)
+    ) as pool:
+        list(pool.map(run, models, [1] * py_threads))  # warm-up: allocator, kernels, threads
         ready.put(os.getpid())
         go.wait()
-        for _ in range(batches):
-            model(x)
+        share = [batches // py_threads + (i < batches % py_threads) for i in range(py_threads)]
+        list(pool.map(run, models, share))
     done.put(os.getpid())
 
 
@@ -85,10 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     model_config = {"clip_kwargs": clip_kwargs(cfg.suite.model)}
     image_size = int(cfg.suite.model.image_size)
     cores = os.cpu_count() or 1
-    variants = {
-        f"1 process x {cores} threads (the pipeline)": (1, cores),
-        f"{cores} processes x 1 thread": (cores, 1),
-        "1 process x 1 thread": (1, 1),
+    variants = {  # name: (processes, (torch threads, Python threads) per process)
+        f"1 process x {cores} torch threads (one model at a time)": (1, (cores, 1)),
+        f"1 process x {cores} Python threads x 1 torch thread (the pipeline's scoring)": (
+            1,
+            (1, cores),
+        ),
+        f"{cores} processes x 1 thread": (cores, (1, 1)),
+        "1 process x 1 thread": (1, (1, 1)),
     }
 
     def section(out: list[str]) -> None:
@@ -105,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.batches} batches of {args.batch_size} images per variant, "
             f"{args.repeats} interleaved rounds, median (min-max) images per second:\n"
         )
-        out.append("| variant | images / s | vs the pipeline's |")
+        out.append("| variant | images / s | vs one model at a time |")
         out.append("|---|---|---|")
         for name, r in rates.items():
             med = statistics.median(r)

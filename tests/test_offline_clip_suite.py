@@ -277,7 +277,10 @@ def test_pretraining_loss_is_clip_plus_weighted_simclr(built, monkeypatch, weigh
         img, txt = F.normalize(e, dim=-1), F.normalize(model.encode_text(tokens), dim=-1)
         logits = model.logit_scale.exp() * img @ txt.T
         diag = torch.arange(8)
-        clip = -(logits.log_softmax(1)[diag, diag].mean() + logits.log_softmax(0)[diag, diag].mean()) / 2
+        clip = (
+            -(logits.log_softmax(1)[diag, diag].mean() + logits.log_softmax(0)[diag, diag].mean())
+            / 2
+        )
         z = F.normalize(head(e), dim=-1).repeat(2, 1)  # the two views are equal (no augmentation)
         sim = z @ z.T / float(pre.ssl.temperature)
         sim.fill_diagonal_(float("-inf"))
