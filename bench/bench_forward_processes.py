@@ -6,8 +6,10 @@ each, the same images in every variant.
 
 The question it answers: on a small CPU, is intra-op threading (one process, ``num_threads``
 threads on one model at a time) the fastest way to run the model-producing baselines' many
-preference models, or models side by side in Python threads of one torch thread each (what
-``models_accuracies`` does on a CPU), or in parallel processes? Each
+preference models, or models side by side in Python threads of one torch thread each, or in
+parallel processes? (The pipeline scores one model at a time: side by side in threads was
+built, gave no measurable change of ``make compare``'s wall time, and was taken out;
+BENCHMARKS.md.) Each
 variant runs ``--batches`` batches in all (split evenly over its processes) through the
 suite's ViT (random weights: the cost of a forward pass does not depend on their values)
 under ``inference_mode`` with ``pipeline.features.pooled_token_only``, as
@@ -40,7 +42,8 @@ from pipeline.suites.offline_train import clip_kwargs  # noqa: E402
 
 def _worker(model_config, image_size, threads, batches, batch_size, ready, go, done) -> None:
     """``threads`` = (torch threads, Python threads): with several Python threads, each runs
-    its share of the batches on its own copy of the model (as ``models_accuracies`` does)."""
+    its share of the batches on its own copy of the model (``functional_call`` swaps a
+    module's tensors, so a shared module would race)."""
     torch_threads, py_threads = threads
     torch.set_num_threads(torch_threads)
     torch.manual_seed(0)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     cores = os.cpu_count() or 1
     variants = {  # name: (processes, (torch threads, Python threads) per process)
         f"1 process x {cores} torch threads (one model at a time)": (1, (cores, 1)),
-        f"1 process x {cores} Python threads x 1 torch thread (the pipeline's scoring)": (
+        f"1 process x {cores} Python threads x 1 torch thread (measured, not adopted)": (
             1,
             (1, cores),
         ),

@@ -8,9 +8,7 @@ floor, the forward passes alone.
   ``load_state_dict`` it into the encoder, extract every task's test features through a
   cache unit (written, checksummed, read back) and score them;
 - ``models_accuracies``: the same merge, the weights straight into ``functional_call``, no
-  per-model feature unit (the sweep unit caches the accuracies), one model at a time on all
-  torch threads (``workers=1``) and, what the pipeline runs on a CPU, models side by side in
-  one Python thread per torch thread (one torch thread each), in interleaved rounds;
+  per-model feature unit (the sweep unit caches the accuracies);
 - forward only: one fixed model over every test set (the cost of the forward passes), with
   open_clip's forward as is and with ``pipeline.features.pooled_token_only`` (the last
   block's MLP on the class token alone, what ``models_accuracies`` runs).
@@ -76,11 +74,9 @@ def main(argv: list[str] | None = None) -> None:
                 ctx.cache = cache
             return np.stack(rows)
 
-    threads = torch.get_num_threads()
-
-    def batched(workers: int) -> np.ndarray:
+    def batched() -> np.ndarray:
         states = (preference_task_arithmetic(pre, experts, p.tolist(), scale=scale) for p in prefs)
-        return models_accuracies(ctx, states, "bench", workers=workers)
+        return models_accuracies(ctx, states, "bench")
 
     @torch.no_grad()
     def forward_only(shortcut: bool) -> None:
@@ -98,25 +94,17 @@ def main(argv: list[str] | None = None) -> None:
     def section(out: list[str]) -> None:
         timed = {}
         results = {}
-        t0 = time.perf_counter()
-        results["plain"] = plain_loop()
-        timed["plain"] = time.perf_counter() - t0
+        for name, fn in (("plain", plain_loop), ("batched", batched)):
+            t0 = time.perf_counter()
+            results[name] = fn()
+            timed[name] = time.perf_counter() - t0
         forward_only(False)  # warm-up (allocator, first calls)
-        runs = {
-            "batched": lambda: batched(1),
-            "threads": lambda: batched(threads),
-            "forward_full": lambda: forward_only(False),
-            "forward": lambda: forward_only(True),
-        }
         for _ in range(FORWARD_REPEATS):  # interleaved, the best of each: a shared host drifts
-            for name, fn in runs.items():
+            for name, shortcut in (("forward_full", False), ("forward", True)):
                 t0 = time.perf_counter()
-                got = fn()
+                forward_only(shortcut)
                 timed[name] = min(timed.get(name, np.inf), time.perf_counter() - t0)
-                if got is not None:
-                    results[name] = got
-        for name in ("batched", "threads"):
-            assert np.array_equal(results["plain"], results[name]), f"{name}: the paths disagree"
+        assert np.array_equal(results["plain"], results["batched"]), "the two paths disagree"
         per_s = {k: len(prefs) / v for k, v in timed.items()}
         out += [
             f"## Preference-models answered per second (pref-TA, {T} tasks, {n_images} test "
@@ -130,26 +118,17 @@ def main(argv: list[str] | None = None) -> None:
                     ("plain", "plain per-preference loop (load_state_dict + feature units)"),
                     (
                         "batched",
-                        f"models_accuracies, one model at a time on {threads} threads "
-                        "(functional_call, no per-model units, class-token shortcut in the "
-                        "last block)",
-                    ),
-                    (
-                        "threads",
-                        f"models_accuracies, {threads} models side by side, one torch thread "
-                        "each (the pipeline on a CPU)",
+                        "models_accuracies (functional_call, no per-model units, class-token "
+                        "shortcut in the last block)",
                     ),
                     ("forward_full", "forward passes only, open_clip's forward as is"),
                     ("forward", "forward passes only, class-token shortcut (the floor)"),
                 )
             ),
             "",
-            "Accuracies of the plain loop and both models_accuracies rows are identical "
-            f"(checked). Every row but the plain loop: the best of {FORWARD_REPEATS} "
-            "interleaved runs; side by side is "
-            f"{timed['batched'] / timed['threads']:.2f}x one model at a time. The forward-only "
-            "rows are one model at a time on all threads; the shortcut is "
-            f"{timed['forward_full'] / timed['forward']:.2f}x open_clip's forward.\n",
+            "Accuracies of the plain loop and models_accuracies are identical (checked). "
+            f"Forward-only rows: the best of {FORWARD_REPEATS} interleaved runs each; the "
+            f"shortcut is {timed['forward_full'] / timed['forward']:.2f}x open_clip's forward.\n",
         ]
 
     run_sections(

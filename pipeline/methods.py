@@ -10,13 +10,8 @@ passes (:func:`models_accuracies`). Adding a method = a class here (or in ``base
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import queue
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -219,28 +214,20 @@ def preference_models_accuracies(
     return np.array([method.answered[k] for k in keys]).reshape(-1, T)
 
 
+@torch.no_grad()
 def models_accuracies(
     ctx: Context,
     states: Iterable[dict[str, torch.Tensor]],
     label: str,
     split: str = "test",
     tasks: list[int] | None = None,
-    workers: int | None = None,
 ) -> np.ndarray:
     """(P, T) accuracy on each asked task's ``split`` (``tasks``: indices, None: all; NaN
     elsewhere) of each model in ``states`` (image-tower state
     dicts, e.g. one per preference), at the cost of its forward passes: the weights go straight
-    into ``torch.func.functional_call`` (no per-model module copy or feature unit; the sweep
+    into ``torch.func.functional_call`` (no module copy, no per-model feature unit; the sweep
     unit caches the accuracies), the same batches and precision as ``Context.features``. Each
-    model advances the running preference bar (``ctx.bar``).
-
-    On a CPU, the (model, task) evaluations run side by side in ``workers`` Python threads of
-    one torch thread each (:func:`threaded`; default: the config's ``score_workers``, else
-    torch's thread count): on small models the intra-op split of one forward pass leaves
-    cores idle (``make bench``: bench/results_preference_models.md). Each evaluation runs
-    the batches of the serial loop on one thread, so the numbers do not depend on the
-    scheduling (tested); against one model at a time on N threads (``workers=1``) they are
-    equal up to the last bits of N-thread matmuls (bit-identical on the suites tested)."""
+    model advances the running preference bar (``ctx.bar``)."""
     from torch.func import functional_call
 
     visual = ctx.visual().to(ctx.device).eval()
@@ -253,79 +240,29 @@ def models_accuracies(
             (j, ctx.suite.split(t, split)[0], ctx.labels(t, split).to(ctx.device), ctx.heads[t])
         )
 
-    if ctx.device.type != "cpu":
-        workers = 1
-    elif workers is None:
-        workers = int(ctx.cfg.get("score_workers") or torch.get_num_threads())
-    # functional_call swaps a module's tensors while it runs: one module per worker thread
-    modules: queue.SimpleQueue = queue.SimpleQueue()
-
-    def accuracy(job: tuple[dict[str, torch.Tensor], tuple]) -> float:
-        params, (j, images, y, head) = job
-        z, module = [], modules.get()
-        try:
-            with torch.inference_mode():  # thread-local: entered in the worker
-                for s in range(0, len(images), bs):
-                    x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # a copy
-                    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                        z.append(functional_call(module, params, (ctx.suite.preprocess(x),)))
-        finally:
-            modules.put(module)
-        with torch.inference_mode():
-            z = torch.cat(z).float()
+    def row(state: dict[str, torch.Tensor]) -> np.ndarray:
+        params = {k: v.to(ctx.device) for k, v in state.items()}
+        out = np.full(len(ctx.tasks), np.nan)
+        for j, images, y, head in data:
+            z = []
+            for s in range(0, len(images), bs):
+                x = torch.from_numpy(np.array(images[s : s + bs])).to(ctx.device)  # writable copy
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+                    z.append(functional_call(visual, params, (ctx.suite.preprocess(x),)).float())
+            z = torch.cat(z)
             if not torch.isfinite(z).all():
                 raise FloatingPointError(
                     f"{label} | {ctx.tasks[j]}/{split}: non-finite embeddings; the model "
                     "weights are probably broken (check the merge / checkpoint)"
                 )
-            return float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
-
-    def jobs():
-        for state in states:
-            params = {k: v.to(ctx.device) for k, v in state.items()}
-            yield from ((params, d) for d in data)
-
-    if not data:
-        raise ValueError(f"{label}: no task to evaluate (tasks={tasks!r})")
-    rows, row = [], np.full(len(ctx.tasks), np.nan)
-    with contextlib.ExitStack() as stack:
-        for module in [visual] + [copy.deepcopy(visual) for _ in range(workers - 1)]:
-            stack.enter_context(pooled_token_only(module))  # the class token: skip the rest
-            modules.put(module)
-        for n, acc in enumerate(threaded(accuracy, jobs(), workers), 1):
-            j, images = data[(n - 1) % len(data)][:2]
-            row[j] = acc
+            out[j] = float(accuracy_from_features(z, head.to(z.device), y, ctx.suite.logit_scale))
             ctx.forward_passes[label] = ctx.forward_passes.get(label, 0) + len(images)
-            if n % len(data) == 0:
-                rows.append(row)
-                row = np.full(len(ctx.tasks), np.nan)
-                ctx.advance(1)
+        ctx.advance(1)
+        return out
+
+    with pooled_token_only(visual):  # the embedding is the class token: skip the rest
+        rows = [row(state) for state in states]
     return np.array(rows, dtype=np.float64).reshape(-1, len(ctx.tasks))
-
-
-def threaded(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """``map(fn, items)`` in order, run by ``workers`` Python threads of one torch thread each
-    (torch's kernels release the GIL), with at most ``2 * workers`` items taken from ``items``
-    ahead of the caller (a lazy generator of models stays lazy). ``workers <= 1``: the plain
-    serial map. Torch's thread count is restored afterwards; an error in ``fn`` is raised
-    here, with the items not yet started cancelled."""
-    if workers <= 1:
-        yield from map(fn, items)
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # read by each new worker thread at its first kernel
-    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,))
-    try:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.submit(fn, item))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
 
 
 def _asked(ctx: Context, tasks: list[int] | None) -> list[int]:

@@ -36,16 +36,7 @@ from .report import TABLES
 
 log = logging.getLogger(__name__)
 
-NOT_SWEPT = (
-    "hydra.",
-    "paths.",
-    "logger",
-    "progress",
-    "num_threads",
-    "score_workers",
-    "launcher",
-    "experiment",
-)
+NOT_SWEPT = ("hydra.", "paths.", "logger", "progress", "num_threads", "launcher", "experiment")
 FRONT_KEYS = {"hypervolume": "hv", "uniformity": "u", "preference_alignment": "align"}
 PERCENT = {"uniformity"}  # summary fractions logged x100 (HV is x100 already)
 

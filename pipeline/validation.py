@@ -86,7 +86,6 @@ SPLIT = one_of("train", "val", "test")
 TOP = {
     "seed": SEED,
     "num_threads": int_at_least(1, none=True),
-    "score_workers": int_at_least(1, none=True),
     "max_images_per_split": int_at_least(1, none=True),
     "batch_size": POSITIVE,
     "autocast": boolean,

@@ -39,60 +39,6 @@ def test_models_accuracies_equal_the_feature_path_without_feature_units(tmp_path
     assert got.shape == (3, len(ctx.tasks)) and len(np.unique(got)) > 1
 
 
-def test_models_scored_in_threads_equal_the_serial_loop(tmp_path, tiny_cache):
-    """Several torch threads: the (model, task) evaluations run in that many Python threads
-    of one torch thread each; the accuracies, the passes counted and the bar are those of
-    the serial one-thread loop, and torch's thread count is restored."""
-    tiny_cache(tmp_path / "cache")
-    cfg = pm.compose_config([*FAST, f"paths.cache_dir={tmp_path / 'cache'}"])
-    ctx = pm.prepare_context(cfg, Cache(cfg.paths.cache_dir), torch.device("cpu"))
-    prefs = prefs_lib.dirichlet(len(ctx.tasks), 5, seed=2)
-    pre, experts = ctx.task_vector_inputs
-    states = [merging.preference_task_arithmetic(pre, experts, p.tolist()) for p in prefs]
-    serial = models_accuracies(ctx, states, "serial")  # one torch thread (module fixture)
-    advanced = []
-    ctx.advance = advanced.append  # the bar's moves
-    torch.set_num_threads(3)
-    try:
-        got = models_accuracies(ctx, iter(states), "threads", tasks=[2, 0, 1])
-        assert torch.get_num_threads() == 3
-    finally:
-        torch.set_num_threads(1)
-    np.testing.assert_array_equal(got[:, :3], serial[:, :3])
-    assert np.isnan(got[:, 3:]).all() and len(np.unique(got[:, :3])) > 1
-    n = sum(ctx.suite.split_size(t, "test") for t in ctx.tasks[:3])
-    assert ctx.forward_passes["threads"] == len(states) * n
-    assert advanced == [1] * len(states)  # one step per model
-
-
-def test_threaded_map_keeps_order_stays_lazy_and_raises_the_workers_error():
-    from pipeline.methods import threaded
-
-    taken = []
-
-    def items():
-        for i in range(20):
-            taken.append(i)
-            yield i
-
-    out = []
-    for i, y in enumerate(threaded(lambda v: v * v, items(), 2)):
-        assert len(taken) <= i + 1 + 4  # at most 2 x workers taken ahead of the caller
-        out.append(y)
-    assert out == [i * i for i in range(20)]
-
-    def fail(v):
-        if v == 3:
-            raise FloatingPointError("broken model 3")
-        return v
-
-    before = torch.get_num_threads()
-    with pytest.raises(FloatingPointError, match="broken model 3"):
-        list(threaded(fail, range(10), 2))
-    assert torch.get_num_threads() == before
-    assert list(threaded(str, range(3), 1)) == ["0", "1", "2"]
-
-
 def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd, tiny_cache):
     tiny_cache(tmp_path / "cache")
     cfg = pm.compose_config(

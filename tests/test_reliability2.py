@@ -201,7 +201,6 @@ def test_bad_config_fails_before_any_stage_naming_the_key(tmp_path, override, ke
         (f"suite.tasks=[{TASKS[0]},nosuchtask]", "suite.tasks has unknown offline tasks"),
         ("seed=abc", "seed='abc': must be an integer >= 0"),
         ("num_threads=0", "num_threads=0: must be an integer >= 1 or null"),
-        ("score_workers=0", "score_workers=0: must be an integer >= 1 or null"),
         ("feature_workers=-1", "feature_workers=-1: must be an integer >= 0"),
         ("autocast=maybe", "autocast='maybe': must be true or false"),
         ("correction.beta=-1", "correction.beta=-1"),
