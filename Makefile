@@ -27,7 +27,7 @@ SCRIPT_ARGS = suite=$(SUITE) backbone=$(BACKBONE) $(PRESET) $(ARGS)
         table1 table2 fig-pairwise fig-simplex fig-cost ablation-beta ablation-data \
         ablation-aggregation tsne compare diagnostics bounds docs-figures time-targets
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision through pip (which finds the CPU build wherever pip is configured to
@@ -38,6 +38,9 @@ $(VENV)/.installed: requirements.txt
 	  $(PY) -m pip install -q -r requirements.txt
 	# animal-mnist declares a tensorflow dependency it does not need
 	$(PY) -m pip install -q --no-deps animal-mnist==0.4
+	# the project itself, editable, for the console command `react-merging` (its pins are above)
+	$(PY) -m pip install -qq --no-deps --no-build-isolation -e . || \
+	  $(PY) -m pip install -qq --no-deps -e .
 	touch $@
 
 venv: $(VENV)/.installed

@@ -56,6 +56,20 @@ def test_help_describes_the_app_and_lists_every_merge_method_and_baseline(tmp_pa
     assert not list(tmp_path.iterdir())  # --help writes nothing
 
 
+def test_the_console_command_of_make_venv_runs_from_another_folder(tmp_path):
+    """`make venv` (which `make demo` and `make test` run) installs the project editable, so
+    `react-merging` is on the venv's PATH and runs from any folder without PYTHONPATH."""
+    exe = Path(sys.executable).parent / "react-merging"
+    assert exe.exists(), f"no {exe}: `make venv` (or `pip install -e .`) installs the command"
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(
+        [str(exe), "--help"], cwd=tmp_path, env=environ, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("react-merging: ReACT") and not list(tmp_path.iterdir())
+
+
 def test_help_into_a_pipe_closed_early_prints_no_traceback(tmp_path):
     """`react-merging --help | head -1`: the reader leaves after one line."""
     environ = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
