@@ -119,7 +119,15 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
     known = {"equal", "priority", "one_hot", "pairwise", "simplex3", "grid"}
     unknown = [s for s in cfg.sets if s not in known]
     if unknown:
-        raise ValueError(f"unknown preference set(s) {unknown}; choose from {sorted(known)}")
+        hint = (
+            "; custom rows are not a set name: give them as preferences.custom=[[w_1,...,w_T]] "
+            "(swept beside the named sets)"
+            if "custom" in unknown
+            else ""
+        )
+        raise ValueError(
+            f"preferences.sets: unknown set(s) {unknown}; choose from {sorted(known)}{hint}"
+        )
     out: dict[str, np.ndarray] = {}
     for name in cfg.sets:
         if name == "equal":
@@ -161,7 +169,8 @@ def preference_sets(cfg, tasks: list[str], tasks3: list[str]) -> dict[str, np.nd
         try:
             prefs_lib.validate_preferences(custom, T)
         except ValueError as e:
-            raise ValueError(f"preferences.custom (tasks in order {tasks}): {e}") from None
+            msg = str(e).replace("pass normalize=True to rescale rows", "divide it by its sum")
+            raise ValueError(f"preferences.custom (tasks in order {tasks}): {msg}") from None
         out["custom"] = custom
     for p in out.values():
         prefs_lib.validate_preferences(p, T)

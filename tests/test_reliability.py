@@ -625,8 +625,12 @@ def test_unknown_config_key_is_refused():
     [
         ("preferences.custom=[[0.5,0.5,0]]", "length 3, expected one weight per task"),
         ("preferences.custom=[[1.2,-0.2,0,0]]", "negative"),
-        ("preferences.custom=[[0.5,0.4,0,0]]", "sums to 0.9, not 1"),
+        (
+            "preferences.custom=[[0.5,0.4,0,0]]",
+            "sums to 0.9, not 1 (tolerance 1e-06); divide it by",
+        ),
         ("preferences.custom=[[nan,0.5,0.5,0]]", "NaN/inf not allowed"),
+        ("preferences.sets=[custom]", "not a set name: give them as preferences.custom=[["),
         ("calibration.size=0", "at least 1 calibration image"),
         ("calibration.size=1.5", "fraction outside (0, 1]"),
         ("calibration.size=true", "a fraction in (0, 1] or a count"),
@@ -636,7 +640,7 @@ def test_bad_preferences_and_calibration_fail_before_any_work(tmp_path, override
     cfg = _compose([*FAST, f"paths.cache_dir={tmp_path / 'cache'}", override])
     with pytest.raises(ValueError) as err:
         pm.run(cfg, tmp_path / "run")
-    assert message in str(err.value)
+    assert message in str(err.value) and "normalize=True" not in str(err.value)
     assert override.split("=")[0] in str(err.value) or "calibration.size" in str(err.value)
     assert not (tmp_path / "cache").exists()  # nothing was built, not even the cache folder
 
