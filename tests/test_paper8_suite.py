@@ -388,6 +388,16 @@ def test_hydra_composes_suite_paper8_with_each_backbone():
             assert cfg.suite.name == "paper8" and cfg.backbone.name == b
 
 
+def test_suite_paper8_on_the_default_backbone_says_which_backbone_to_add(tmp_path):
+    """`react-merging suite=paper8` (backbone=offline, the default) names the fix."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["suite=paper8"])
+    with pytest.raises(ValueError, match=r"needs a CLIP backbone.*add backbone=vit_b32"):
+        paper8.validate(cfg.suite, cfg.backbone)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

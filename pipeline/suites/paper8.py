@@ -146,6 +146,12 @@ def resolve_backbone(bcfg) -> Backbone:
         bcfg.get("clip_kwargs"),
         bcfg.get("pretrained"),
     )
+    if not name and not kwargs and bcfg.get("name") == "offline":
+        raise ValueError(
+            "suite=paper8 needs a CLIP backbone, and backbone=offline (the default) is the "
+            "offline suite's own model: add backbone=vit_b32 (or vit_b16, vit_l14; "
+            "configs/backbone/), as `make <target> SUITE=paper8` does"
+        )
     if bool(name) == bool(kwargs):
         raise ValueError(
             "the backbone needs exactly one of model_name (an open_clip name, e.g. ViT-B-32) and "
