@@ -183,15 +183,15 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     tasks3 = resolve_tasks3(ctx.tasks, cfg.tasks3)
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
     scored = {s: scored_tasks(cfg.preferences, s, ctx.tasks, tasks3) for s in sets}  # tasks read
-    with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
-        reference = reference_accuracies(ctx)
+    with ctx.timed("features"), ctx.feature_bar("features", 3 * len(ctx.tasks)):
+        reference = reference_accuracies(ctx)  # the fixed models: pretrained, merged, experts
     frames, cost_rows, methods, stat_files = [], [], [], {}
     for name, method_sets in [
         *((name, sets) for name in cfg.methods),  # controllable: every preference set
         *((name, scenario_sets(sets)) for name in cfg.fixed_methods),  # equal/priority/one-hot
     ]:
         methods.append(method := build_method(name, method_cfg(cfg, name)))
-        with ctx.timed("fit"):
+        with ctx.timed("fit"), ctx.feature_bar(f"{name}: fit"):
             method.fit(ctx)
         stat_files[name] = [method.stats_path] if getattr(method, "stats_path", None) else []
         total = sum(len(p) for p in method_sets.values())

@@ -50,6 +50,7 @@ class Context:
     calibration: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     forward_passes: dict[str, int] = dataclasses.field(default_factory=dict)
     bar: Any = None  # the running method's bar over its preferences (tqdm), see preference_bar
+    units: dict | None = None  # a stage's bar over its feature units, see feature_bar
     _visual: torch.nn.Module | None = None
 
     @property
@@ -77,6 +78,33 @@ class Context:
         finally:
             self.bar.close()
             self.bar = None
+
+    @contextmanager
+    def feature_bar(self, desc: str, total: int | None = None):
+        """One bar over the feature units ``features`` reads or computes inside (each a short
+        pass, under a second on the offline suites) instead of a bar per unit; it appears
+        with the first unit, so a stage that reads none shows nothing."""
+        self.units = {"desc": desc, "total": total, "bar": None}
+        try:
+            yield
+        finally:
+            if self.units["bar"] is not None:
+                self.units["bar"].close()
+            self.units = None
+
+    def _unit_done(self) -> None:
+        if self.units is None:
+            return
+        if self.units["bar"] is None:
+            from tqdm.auto import tqdm
+
+            self.units["bar"] = tqdm(
+                total=self.units["total"],
+                desc=self.units["desc"],
+                unit=" feature units",
+                disable=not self.progress,
+            )
+        self.units["bar"].update(1)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None and n > 0:
@@ -153,7 +181,7 @@ class Context:
                 device=self.device,
                 autocast=self.cfg.autocast,
                 num_workers=self.cfg.get("feature_workers", 0) if self.device.type == "cuda" else 0,
-                progress=self.progress,
+                progress=self.progress and self.units is None,
                 desc=f"{model.label} | {task}/{split}",
             )
             save_file({"features": feats}, str(out / "features.safetensors"))
@@ -162,6 +190,7 @@ class Context:
         unit = self.cache.unit("features", material, compute)
         if unit.computed:
             self.forward_passes[model.label] = self.forward_passes.get(model.label, 0) + len(idx)
+        self._unit_done()
         return load_file(str(unit.file("features.safetensors")))["features"]
 
     def labels(self, task: str, split: str, indices: np.ndarray | None = None) -> torch.Tensor:

@@ -61,6 +61,14 @@ def test_one_preference_bar_per_method_with_its_total(tmp_path, capfd, tiny_cach
         ]
         assert finished and f"{total}/{total}" in finished[-1], finished[-1:]
     assert "pref_ta | " not in err  # no per-(model, task) feature bars for pref-TA
+    # the fixed models' features: one bar over their 3T units, none per (model, task) unit
+    lines = err.replace("\r", "\n").splitlines()
+    T = len(cfg.suite.tasks)
+    features = [ln for ln in lines if ln.startswith("features:")]
+    assert features and f"{3 * T}/{3 * T}" in features[-1], features[-1:]
+    assert not [ln for ln in lines if ln.startswith(("pretrained | ", "expert ", "merged ("))]
+    fit = [ln for ln in lines if ln.startswith("react: fit")]
+    assert fit and "feature units" in fit[-1], fit[-1:]
 
 
 def test_a_preference_answered_twice_is_built_and_evaluated_once(tmp_path, tiny_cache):
