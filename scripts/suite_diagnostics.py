@@ -201,33 +201,38 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
     ctx = Context(cfg, cache, suite, device, progress=cfg.progress)
     tasks = ctx.tasks
 
+    T = len(tasks)
     t = time.perf_counter()
-    acc = {"zero-shot": model_accuracies(ctx, ctx.pretrained_ref())}
-    acc["experts"] = np.array(
-        [ctx.accuracy(ctx.features(ctx.expert_ref(task), task, "test"), task) for task in tasks]
-    )
+    with ctx.feature_bar("zero-shot and experts", 2 * T):  # one bar per phase, not per unit
+        acc = {"zero-shot": model_accuracies(ctx, ctx.pretrained_ref())}
+        acc["experts"] = np.array(
+            [ctx.accuracy(ctx.features(ctx.expert_ref(task), task, "test"), task) for task in tasks]
+        )
     seconds["zero-shot and experts"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    val = np.array([model_accuracies(ctx, ta_ref(ctx, lam), "val") for lam in grid])  # (L, T)
-    best = grid[int(np.argmax(val.mean(axis=1)))]
-    ta = ta_ref(ctx, best)
-    acc["Task Arithmetic"] = model_accuracies(ctx, ta)
+    with ctx.feature_bar("Task Arithmetic: lambda search", (len(grid) + 1) * T):
+        val = np.array([model_accuracies(ctx, ta_ref(ctx, lam), "val") for lam in grid])  # (L, T)
+        best = grid[int(np.argmax(val.mean(axis=1)))]
+        ta = ta_ref(ctx, best)
+        acc["Task Arithmetic"] = model_accuracies(ctx, ta)
     seconds["Task Arithmetic (lambda search)"] = time.perf_counter() - t
 
     merge_seconds = {}
     for label, merge_cfg in merges.items():
         t = time.perf_counter()
         ref, merge_seconds[label] = merged_ref(ctx, merge_cfg, label)
-        acc[label] = model_accuracies(ctx, ref)
+        with ctx.feature_bar(label, T):
+            acc[label] = model_accuracies(ctx, ref)
         seconds[label] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feats = {
-        "zero-shot": [ctx.features(ctx.pretrained_ref(), task, "test") for task in tasks],
-        "experts": [ctx.features(ctx.expert_ref(task), task, "test") for task in tasks],
-        "Task Arithmetic": [ctx.features(ta, task, "test") for task in tasks],
-    }
+    with ctx.feature_bar("geometry", 3 * T):
+        feats = {
+            "zero-shot": [ctx.features(ctx.pretrained_ref(), task, "test") for task in tasks],
+            "experts": [ctx.features(ctx.expert_ref(task), task, "test") for task in tasks],
+            "Task Arithmetic": [ctx.features(ta, task, "test") for task in tasks],
+        }
     geometry = {}
     for model, fs in feats.items():
         per_task = [dg.effective_dimension(f, energy) for f in fs]
