@@ -9,9 +9,8 @@ threads on one model at a time) the fastest way to run the model-producing basel
 preference models, or models side by side in Python threads of one torch thread each, or in
 parallel processes? (The pipeline scores one model at a time: side by side in threads was
 built, gave no measurable change of ``make compare``'s wall time, and was taken out;
-BENCHMARKS.md.) Each
-variant runs ``--batches`` batches in all (split evenly over its processes) through the
-suite's ViT (random weights: the cost of a forward pass does not depend on their values)
+BENCHMARKS.md.) Each variant runs ``--batches`` batches in all (split evenly over its
+processes and threads) through the suite's ViT (random weights: the cost of a forward pass does not depend on their values)
 under ``inference_mode`` with ``pipeline.features.pooled_token_only``, as
 ``pipeline.methods.models_accuracies`` does. Every process builds and warms its model
 first; the clock runs from one common start signal until the last process is done.
@@ -40,10 +39,14 @@ from pipeline.suite import build_clip  # noqa: E402
 from pipeline.suites.offline_train import clip_kwargs  # noqa: E402
 
 
+def _shares(n: int, k: int) -> list[int]:
+    """``n`` batches split over ``k`` workers as evenly as possible."""
+    return [n // k + (i < n % k) for i in range(k)]
+
+
 def _worker(model_config, image_size, threads, batches, batch_size, ready, go, done) -> None:
     """``threads`` = (torch threads, Python threads): with several Python threads, each runs
-    its share of the batches on its own copy of the model (``functional_call`` swaps a
-    module's tensors, so a shared module would race)."""
+    its share of the batches on its own model, as scoring distinct preference models would."""
     torch_threads, py_threads = threads
     torch.set_num_threads(torch_threads)
     torch.manual_seed(0)
@@ -61,21 +64,19 @@ def _worker(model_config, image_size, threads, batches, batch_size, ready, go, d
         list(pool.map(run, models, [1] * py_threads))  # warm-up: allocator, kernels, threads
         ready.put(os.getpid())
         go.wait()
-        share = [batches // py_threads + (i < batches % py_threads) for i in range(py_threads)]
-        list(pool.map(run, models, share))
+        list(pool.map(run, models, _shares(batches, py_threads)))
     done.put(os.getpid())
 
 
 def _images_per_s(model_config, image_size, processes, threads, batches, batch_size) -> float:
     ctx = mp.get_context("spawn")
     ready, done, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-    share = [batches // processes + (i < batches % processes) for i in range(processes)]
     procs = [
         ctx.Process(
             target=_worker,
             args=(model_config, image_size, threads, n, batch_size, ready, go, done),
         )
-        for n in share
+        for n in _shares(batches, processes)
     ]
     for p in procs:
         p.start()

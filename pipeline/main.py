@@ -183,8 +183,8 @@ def _run(cfg, cache: Cache, device, run_dir: Path, tracker: Tracker) -> dict:
     tasks3 = resolve_tasks3(ctx.tasks, cfg.tasks3)
     sets = preference_sets(cfg.preferences, ctx.tasks, tasks3)
     scored = {s: scored_tasks(cfg.preferences, s, ctx.tasks, tasks3) for s in sets}  # tasks read
-    with ctx.timed("features"), ctx.feature_bar("features", 3 * len(ctx.tasks)):
-        reference = reference_accuracies(ctx)  # the fixed models: pretrained, merged, experts
+    with ctx.timed("features"):  # the fixed models: pretrained, merged, each expert
+        reference = reference_accuracies(ctx)
     frames, cost_rows, methods, stat_files = [], [], [], {}
     for name, method_sets in [
         *((name, sets) for name in cfg.methods),  # controllable: every preference set

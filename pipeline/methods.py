@@ -4,8 +4,8 @@ A method has an offline stage (``fit``) and answers a batch of preferences with 
 accuracy of every task (``accuracies``). ReACT answers from cached merged-model features
 and closed-form maps; model-producing baselines (preference-weighted Task Arithmetic,
 Pareto Merging, MAP) build a model per preference and score it at the cost of its forward
-passes (:func:`models_accuracies`). Adding a method = a class here (or in ``baselines``) plus an entry in
-``METHODS`` and a ``configs/methods/<name>.yaml``.
+passes (:func:`models_accuracies`). Adding a method = a class here (or in ``baselines``)
+plus an entry in ``METHODS`` and a ``configs/methods/<name>.yaml``.
 """
 
 from __future__ import annotations
@@ -276,19 +276,20 @@ def model_accuracies(ctx: Context, ref: ModelRef, split: str = "test") -> np.nda
 
 
 def reference_accuracies(ctx: Context) -> pd.DataFrame:
-    """Test accuracy of the fixed models: pretrained, merged, and each expert on its own task."""
+    """Test accuracy of the fixed models: pretrained, merged, and each expert on its own task
+    (3T feature units, one progress bar)."""
     rows = []
-    for label, ref in (
-        ("pretrained", ctx.pretrained_ref()),
-        (f"merged ({ctx.cfg.merge.name})", ctx.merged),
-    ):
+    with ctx.feature_bar("features", 3 * len(ctx.tasks)):
+        for label, ref in (
+            ("pretrained", ctx.pretrained_ref()),
+            (f"merged ({ctx.cfg.merge.name})", ctx.merged),
+        ):
+            accs = model_accuracies(ctx, ref)
+            rows += [(label, t, float(a)) for t, a in zip(ctx.tasks, accs, strict=True)]
         rows += [
-            (label, t, float(a)) for t, a in zip(ctx.tasks, model_accuracies(ctx, ref), strict=True)
+            ("expert", t, ctx.accuracy(ctx.features(ctx.expert_ref(t), t, "test"), t))
+            for t in ctx.tasks
         ]
-    rows += [
-        ("expert", t, ctx.accuracy(ctx.features(ctx.expert_ref(t), t, "test"), t))
-        for t in ctx.tasks
-    ]
     df = pd.DataFrame(rows, columns=["label", "task", "accuracy"])
     expert = df[df.label == "expert"].set_index("task").accuracy
     df["normalized_accuracy"] = df.accuracy / df.task.map(expert)
