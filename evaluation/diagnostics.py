@@ -25,11 +25,15 @@
 - ``task_vector_cosines``: cosine similarity of the flattened task vectors
   tau_t = theta_t - theta_0 (every floating-point entry of the state dicts), the measure of
   how separately the experts moved the weights (near 0 for CLIP's experts).
+- ``parameter_groups``: the weights of a CLIP ViT image tower by kind (embedding, attention,
+  MLP, block norms, output) and by depth (one group per transformer block), to locate where
+  summed task vectors interfere (Task Arithmetic on one group only, or on all but one).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -45,6 +49,7 @@ __all__ = [
     "gain_share",
     "head_overlaps",
     "pairwise_overlaps",
+    "parameter_groups",
     "principal_subspace",
     "subspace_overlap",
     "task_vector_cosines",
@@ -247,6 +252,49 @@ def task_vector_cosines(pretrained, experts: Sequence) -> np.ndarray:
     cos[norms == 0, :] = np.nan
     cos[:, norms == 0] = np.nan
     return cos
+
+
+_BLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.")
+_KINDS = (  # (group, test on a key inside a block / outside any block)
+    ("attention", lambda k: ".attn." in k),
+    ("MLP", lambda k: ".mlp." in k),
+    ("block norms", lambda k: ".ln_1." in k or ".ln_2." in k),
+)
+_OUTSIDE = {
+    "embedding": ("conv1.", "class_embedding", "positional_embedding", "ln_pre."),
+    "output": ("ln_post.", "proj"),
+}
+
+
+def parameter_groups(keys: Sequence[str]) -> dict[str, list[str]]:
+    """Named groups of an open_clip ``VisionTransformer``'s weight names (``keys``: e.g. the
+    float keys of its state dict), to locate interference between task vectors:
+
+    - by kind, a partition of ``keys``: ``embedding`` (patch convolution, class and
+      positional embeddings, ``ln_pre``), ``attention``, ``MLP`` and ``block norms``
+      (``ln_1``, ``ln_2``) of every transformer block, ``output`` (``ln_post``, ``proj``),
+      and ``other`` for any name none of these match (only when there is one);
+    - by depth, ``block i``: every weight of transformer block ``i`` (in block order).
+
+    Each group lists its keys in the order of ``keys``; a kind with no key is left out."""
+    groups: dict[str, list[str]] = {}
+    blocks: dict[int, list[str]] = {}
+    for k in keys:
+        m = _BLOCK.search(k)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(k)
+            kind = next((name for name, test in _KINDS if test(k)), "other")
+        else:
+            base = k.split(".", 1)[0] + ("." if "." in k else "")
+            kind = next(
+                (name for name, prefixes in _OUTSIDE.items() if base in prefixes or k in prefixes),
+                "other",
+            )
+        groups.setdefault(kind, []).append(k)
+    order = ["embedding", "attention", "MLP", "block norms", "output", "other"]
+    out = {name: groups[name] for name in order if name in groups}
+    out.update({f"block {i}": blocks[i] for i in sorted(blocks)})
+    return out
 
 
 def _array(v) -> np.ndarray:

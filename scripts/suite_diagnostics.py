@@ -2,6 +2,7 @@
 
     python scripts/suite_diagnostics.py [suite=offline backbone=offline ...] [--fast]
         [--adamerging-steps N] [--lambda-grid 0.05:1.0:0.05] [--energy 0.9] [--out DIR]
+        [--groups [--group-grid 0.05:0.3:0.05]]
 
 ``key=value`` arguments are Hydra overrides of ``configs/config.yaml`` (as for
 ``python -m pipeline.main``); ``--...`` flags belong to this script. Computes **no ReACT and
@@ -31,6 +32,13 @@ no baseline result**, only what tells whether the suite sits in the paper's regi
   validation split from ``--pair-grid``, default 0.2, 0.4, ..., 1.0): each pair's test
   accuracy normalised by the experts' and the share of the two experts' gain it keeps
   (cached, one unit per suite and grid);
+- with ``--groups``, where in the network the eight-task interference sits: Task
+  Arithmetic on every task with the task vectors restricted to one group of weights
+  (``evaluation.diagnostics.parameter_groups``: by kind, embedding / attention / MLP / block
+  norms / output, and by depth, one group per block), and on all weights but that group
+  (the other weights at theta_0); lambda picked on the validation split from
+  ``--group-grid`` (default 0.05, 0.10, ..., 0.30) for each row, then the test accuracy and
+  the share of the experts' gain kept (cached, one unit per suite and grid);
 - the paper-regime targets, each met / not met with its number: zero-shot average 40-70% of
   the experts'; TA keeping 30-70% of the experts' gain; TA < TIES < AdaMerging in average
   accuracy; every expert at >= 85%.
@@ -54,6 +62,7 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -189,7 +198,80 @@ def task_vector_merges(
     }
 
 
-def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list[float]) -> dict:
+def group_merges(ctx: Context, grid: list[float], zs: np.ndarray, experts_acc: np.ndarray) -> dict:
+    """Task Arithmetic with the task vectors on a subset of the weights (one cache unit per
+    suite, grid and code): for ``all`` weights, and for each group G of
+    ``dg.parameter_groups`` ``only G`` (theta_0 + lambda sum_t tau_t on G's weights, theta_0
+    elsewhere) and ``all but G`` (the complement); lambda picked on the average validation
+    accuracy over tasks (the first best), then every task's test accuracy and the share of
+    the experts' gain kept (``gain_share`` of the averages)."""
+    pre, experts = ctx.task_vector_inputs
+    keys = [k for k, v in pre.items() if v.is_floating_point()]
+    groups = dg.parameter_groups(keys)
+    rows = {"all": keys}
+    for name, members in groups.items():
+        inside = set(members)
+        rows[f"only {name}"] = members
+        rows[f"all but {name}"] = [k for k in keys if k not in inside]
+
+    @functools.lru_cache(maxsize=len(grid))
+    def ta(lam: float) -> dict:
+        return merging.task_arithmetic(pre, experts, scale=lam)
+
+    def state(members: list[str], lam: float) -> dict:
+        full, inside = ta(lam), set(members)
+        return {k: full[k] if k in inside else v for k, v in pre.items()}
+
+    def compute(out: Path):
+        saved = {}
+        for row, members in rows.items():
+            val = models_accuracies(ctx, (state(members, lam) for lam in grid), "groups", "val")
+            lam = grid[int(np.argmax(val.mean(axis=1)))]
+            test = models_accuracies(ctx, [state(members, lam)], "groups", "test")[0]
+            saved[row] = {
+                "weights": len(members),
+                "entries": int(sum(pre[k].numel() for k in members)),
+                "lambda": lam,
+                "val_average": val.mean(axis=1).tolist(),
+                "test": test.tolist(),
+            }
+        atomic_write_text(out / "groups.json", json.dumps(saved))
+
+    material = {
+        "suite": ctx.suite.key,
+        "grid": grid,
+        "code": code_version(
+            "merging.task_arithmetic",
+            "pipeline.methods",
+            "pipeline.features",
+            "evaluation.diagnostics",
+        ),
+    }
+    with tqdm(
+        total=len(rows) * (len(grid) + 1),
+        desc="task vectors by parameter group",
+        unit=" model",
+        disable=not ctx.progress,
+    ) as ctx.bar:  # models_accuracies advances it (the pipeline's preference bar)
+        try:
+            unit = ctx.cache.unit("diagnostics_groups", material, compute)
+        finally:
+            ctx.bar = None
+    saved = json.loads(unit.file("groups.json").read_text())
+    for r in saved.values():
+        r["test_average"] = float(np.mean(r["test"]))
+        r["gain_kept"] = dg.gain_share(np.asarray(r["test"]), zs, experts_acc).average
+    return {"grid": grid, "groups": {g: len(m) for g, m in groups.items()}, "rows": saved}
+
+
+def measure(
+    cfg,
+    merges: dict,
+    grid: list[float],
+    energy: float,
+    pair_grid: list[float],
+    group_grid: list[float] | None = None,
+) -> dict:
     """Every number of the regime report (see the module docstring); plain JSON types."""
     device = apply_runtime(cfg)
     cache = Cache(cfg.paths.cache_dir)
@@ -252,6 +334,13 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
         ctx, pair_grid, np.asarray(acc["zero-shot"]), np.asarray(acc["experts"])
     )
     seconds["one and two task vectors"] = time.perf_counter() - t
+    groups = None
+    if group_grid is not None:
+        t = time.perf_counter()
+        groups = group_merges(
+            ctx, group_grid, np.asarray(acc["zero-shot"]), np.asarray(acc["experts"])
+        )
+        seconds["task vectors by parameter group"] = time.perf_counter() - t
 
     zs, ex = acc["zero-shot"], acc["experts"]
     shares = {
@@ -302,6 +391,7 @@ def measure(cfg, merges: dict, grid: list[float], energy: float, pair_grid: list
             "mean_offdiagonal": _offdiag_mean(cosines),
         },
         "pairs": pairs,
+        **({} if groups is None else {"parameter_groups": groups}),
         "targets": targets(acc, shares),
         "seconds": seconds,
         "cache": {"computed": events.count("computed"), "hits": events.count("hit")},
@@ -461,6 +551,8 @@ def markdown(r: dict, command: str) -> str:
     ]
     for i, lam in enumerate(pr["grid"]):
         out.append(f"| {lam:g} | " + " | ".join(frac(pr["gain_curve"][t][i]) for t in tasks) + " |")
+    if "parameter_groups" in r:
+        out += _groups_table(r["parameter_groups"], pct, frac)
     out += ["", "Targets (the paper's regime):", "", "| target | value | |", "|---|---|---|"]
     out += [
         f"| {g['target']} | {g['shown']} | {'met' if g['met'] else '**not met**'} |"
@@ -486,6 +578,27 @@ def markdown(r: dict, command: str) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _groups_table(pg: dict, pct, frac) -> list[str]:
+    """Markdown section of ``group_merges``' rows."""
+    out = [
+        "",
+        "Where the interference sits: Task Arithmetic on all tasks with the task vectors on "
+        "one group of weights only, or on all weights but that group (the rest at theta_0); "
+        f"lambda picked on the validation split from {', '.join(f'{v:g}' for v in pg['grid'])} "
+        "for each row. Test accuracy (average over tasks) and the share of the experts' gain "
+        "kept:",
+        "",
+        "| task vectors on | weights (entries) | lambda | avg | gain kept |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in pg["rows"].items():
+        out.append(
+            f"| {name} | {row['weights']} ({row['entries']:,}) | {row['lambda']:g} | "
+            f"{pct(row['test_average'])} | {frac(row['gain_kept'])} |"
+        )
+    return out
 
 
 def _overlap_table(tasks: list[str], ov: dict) -> list[str]:
@@ -557,6 +670,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--energy", type=float, default=0.9, help="energy fraction of the effective dimension"
     )
+    ap.add_argument(
+        "--groups",
+        action="store_true",
+        help="also Task Arithmetic on one group of weights only / all but one (where the "
+        "interference sits; 2 x (kinds + blocks) + 1 lambda searches)",
+    )
+    ap.add_argument(
+        "--group-grid",
+        default="0.05:0.3:0.05",
+        help="lambdas of the --groups merges (validation): start:stop:step or a,b,c",
+    )
     args, cfg = script_config(ap, argv)
     merge_overrides = [o for o in args.overrides if o.lstrip("+~").startswith("merge")]
     if merge_overrides:
@@ -568,6 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         grid = parse_grid(args.lambda_grid)
         pair_grid = parse_grid(args.pair_grid, "--pair-grid")
+        group_grid = parse_grid(args.group_grid, "--group-grid") if args.groups else None
     except ValueError as e:
         ap.error(str(e))
     if not 0 < args.energy <= 1:
@@ -585,7 +710,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = script_output_dir(args.out, cfg, "diagnostics")
 
     t0 = time.perf_counter()
-    result = measure(cfg, merges, grid, args.energy, pair_grid)
+    result = measure(cfg, merges, grid, args.energy, pair_grid, group_grid)
     result["seconds"]["total"] = time.perf_counter() - t0
     result["command"] = "python scripts/suite_diagnostics.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)

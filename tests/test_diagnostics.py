@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -180,6 +181,38 @@ def test_head_overlaps_against_scipy_principal_angles():
         dg.head_overlaps([np.ones((3, D))])
 
 
+def test_parameter_groups_partition_an_open_clip_vit():
+    import open_clip  # conftest imported pipeline first (its torchvision guard)
+
+    vit = open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg={"image_size": 16, "patch_size": 8, "width": 32, "layers": 3, "head_width": 16},
+        text_cfg={"context_length": 4, "vocab_size": 10, "width": 16, "heads": 1, "layers": 1},
+    ).visual
+    keys = [k for k, v in vit.state_dict().items() if v.is_floating_point()]
+    g = dg.parameter_groups([*keys, "extra.scale"])
+    kinds = ["embedding", "attention", "MLP", "block norms", "output", "other"]
+    assert list(g) == [*kinds, "block 0", "block 1", "block 2"]
+    # the kinds partition the keys (in their order); the blocks partition the block keys
+    assert sorted(sum((g[k] for k in kinds), [])) == sorted([*keys, "extra.scale"])
+    assert g["other"] == ["extra.scale"]
+    assert set(g["embedding"]) == {
+        "class_embedding",
+        "positional_embedding",
+        "conv1.weight",
+        "ln_pre.weight",
+        "ln_pre.bias",
+    }
+    assert set(g["output"]) == {"proj", "ln_post.weight", "ln_post.bias"}
+    for i in range(3):
+        block = [k for k in keys if k.startswith(f"transformer.resblocks.{i}.")]
+        assert g[f"block {i}"] == block and len(block) == 12
+    assert all(".attn." in k for k in g["attention"]) and len(g["attention"]) == 12
+    assert all(".mlp." in k for k in g["MLP"]) and len(g["MLP"]) == 12
+    assert all(".ln_1." in k or ".ln_2." in k for k in g["block norms"])
+    assert dg.parameter_groups(keys).keys() == g.keys() - {"other"}
+
+
 def test_task_vector_cosines_against_a_flat_computation():
     import torch
 
@@ -218,6 +251,7 @@ SCRIPT = ROOT / "scripts" / "suite_diagnostics.py"
 TINY = ["suite=offline_tiny", "logger=disabled", "progress=false", "num_threads=1"]
 GRID = [0.1, 0.3, 0.5]
 PAIR_GRID = [0.5, 1.0]
+GROUP_GRID = [0.5, 1.0]
 
 
 def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -245,7 +279,15 @@ def _run_script(tmp: Path, cache: Path, *extra: str) -> subprocess.CompletedProc
 def diag(tmp_path_factory, tiny_cache):
     tmp = tmp_path_factory.mktemp("diag")
     tiny_cache(tmp / "cache")
-    proc = _run_script(tmp, tmp / "cache", "--out", str(tmp / "out"))
+    proc = _run_script(
+        tmp,
+        tmp / "cache",
+        "--out",
+        str(tmp / "out"),
+        "--groups",
+        "--group-grid",
+        ",".join(map(str, GROUP_GRID)),
+    )
     return tmp, proc, json.loads((tmp / "out" / "regime.json").read_text())
 
 
@@ -321,6 +363,26 @@ def recomputed(diag):
             test = [run(weighted((a, b), lam), tasks[t], "test")[0] for t in (a, b)]
             out["pairs"][a, b] = (lam, test)
 
+    # task vectors on a subset of the weights: theta_0 + lambda sum_t tau_t there, theta_0 elsewhere
+    def on(names, lam):
+        full = merging.task_arithmetic(pre, experts, scale=lam)
+        return {k: full[k] if k in names else v for k, v in pre.items()}
+
+    floats = [k for k, v in pre.items() if v.is_floating_point()]
+    mlp = {k for k in floats if ".mlp." in k}
+    output = {"proj", "ln_post.weight", "ln_post.bias"}
+    block0 = {k for k in floats if k.startswith("transformer.resblocks.0.")}
+    out["groups"] = {}
+    for row, names in (
+        ("all", set(floats)),
+        ("only MLP", mlp),
+        ("all but output", set(floats) - output),
+        ("only block 0", block0),
+    ):
+        val = [np.mean([run(on(names, lam), t, "val")[0] for t in tasks]) for lam in GROUP_GRID]
+        lam = GROUP_GRID[int(np.argmax(val))]
+        out["groups"][row] = (lam, val, [run(on(names, lam), t, "test")[0] for t in tasks])
+
     def flat(sd):
         return torch.cat([v.double().flatten() for v in sd.values() if v.is_floating_point()])
 
@@ -355,6 +417,32 @@ def test_task_vector_merges_match_a_direct_computation(diag, recomputed):
     np.testing.assert_allclose(r["task_vector_cosines"]["cosine"], recomputed["cosines"], atol=1e-9)
     assert "How separately the experts moved the weights" in proc.stdout
     assert "Gain curve of each task vector alone" in proc.stdout
+
+
+@pytest.mark.slow
+def test_parameter_group_merges_match_a_direct_computation(diag, recomputed):
+    _, proc, r = diag
+    pg = r["parameter_groups"]
+    assert pg["grid"] == GROUP_GRID
+    zs = np.array(recomputed["acc"]["zero-shot"])
+    ex = np.array(recomputed["acc"]["experts"])
+    for row, (lam, val, test) in recomputed["groups"].items():
+        got = pg["rows"][row]
+        assert got["lambda"] == lam, row
+        np.testing.assert_allclose(got["val_average"], val, atol=1e-12)
+        np.testing.assert_allclose(got["test"], test, atol=1e-12)
+        share = (np.mean(test) - zs.mean()) / (ex.mean() - zs.mean())
+        assert got["gain_kept"] == pytest.approx(share, abs=1e-9), row
+    # "all" is Task Arithmetic over the group grid; every kind and block has both rows
+    kinds = [g for g in pg["groups"] if not re.fullmatch(r"block \d+", g)]
+    assert pg["rows"]["all"]["weights"] == sum(pg["groups"][g] for g in kinds)
+    for g in pg["groups"]:
+        assert {f"only {g}", f"all but {g}"} <= set(pg["rows"])
+        assert (
+            pg["rows"][f"only {g}"]["weights"] + pg["rows"][f"all but {g}"]["weights"]
+            == (pg["rows"]["all"]["weights"])
+        )
+    assert "Where the interference sits" in proc.stdout
 
 
 @pytest.mark.slow
