@@ -83,6 +83,7 @@ from pipeline.methods import model_accuracies, models_accuracies  # noqa: E402
 from pipeline.stages import Context, ModelRef  # noqa: E402
 
 FAST_ADAMERGING_STEPS = 100
+GROUP_GRID = "0.05:0.3:0.05"  # --groups: lambdas tried on the validation split
 TARGETS = {  # the paper's regime (issue 11)
     "zeroshot_ratio": (0.40, 0.70),
     "ta_gain_share": (0.30, 0.70),
@@ -678,8 +679,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument(
         "--group-grid",
-        default="0.05:0.3:0.05",
-        help="lambdas of the --groups merges (validation): start:stop:step or a,b,c",
+        help=f"lambdas of the --groups merges (validation; default {GROUP_GRID}): "
+        "start:stop:step or a,b,c",
     )
     args, cfg = script_config(ap, argv)
     merge_overrides = [o for o in args.overrides if o.lstrip("+~").startswith("merge")]
@@ -692,7 +693,11 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         grid = parse_grid(args.lambda_grid)
         pair_grid = parse_grid(args.pair_grid, "--pair-grid")
-        group_grid = parse_grid(args.group_grid, "--group-grid") if args.groups else None
+        if args.group_grid is not None and not args.groups:
+            raise ValueError("--group-grid is the lambda grid of --groups: add --groups")
+        group_grid = (
+            parse_grid(args.group_grid or GROUP_GRID, "--group-grid") if args.groups else None
+        )
     except ValueError as e:
         ap.error(str(e))
     if not 0 < args.energy <= 1:

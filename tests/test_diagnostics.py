@@ -563,6 +563,8 @@ def test_bad_arguments_fail_before_any_work(capsys, tmp_path):
         (["merge=ties"], "fixed merges"),
         (["--energy", "1.5"], "--energy"),
         (["--pair-grid", "0,1"], "--pair-grid"),
+        (["--group-grid", "0.1,0.2"], "add --groups"),
+        (["--groups", "--group-grid", "0:1"], "--group-grid"),
         (["--adamerging-steps", "-1"], "--adamerging-steps"),
     ):
         with pytest.raises(SystemExit) as e:
