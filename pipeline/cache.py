@@ -328,19 +328,21 @@ _FAULT_COUNTS: dict[str, int] = {}
 
 
 def _fault_injection(stage: str) -> None:
-    """Test hook: REACT_KILL_AT="<stage>:<n>" SIGKILLs this process while the n-th unit
+    """Test hook: REACT_KILL_AT="<stage>:<n>[:<signal>]" sends this process ``signal``
+    (KILL, the default; INT for Ctrl-C; TERM as a scheduler does) while the n-th unit
     (1-based) of ``stage`` is written but not yet renamed into place (a torn write)."""
     spec = os.environ.get("REACT_KILL_AT")
     if not spec:
         return
-    target, _, n = spec.partition(":")
+    target, _, rest = spec.partition(":")
     if target != stage:
         return
+    n, _, name = rest.partition(":")
     _FAULT_COUNTS[stage] = _FAULT_COUNTS.get(stage, 0) + 1
     if _FAULT_COUNTS[stage] == int(n or 1):
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, f"SIG{name or 'KILL'}"))
 
 
 def _lock_free(path: Path) -> bool:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -241,8 +243,22 @@ def main(cfg: DictConfig) -> dict:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    single = hydra_cfg.mode != RunMode.MULTIRUN
+    if single and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: as Ctrl-C
     try:
         summary = run(cfg, run_dir)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: run() marked the folder failed
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not single:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(
+            f"react-merging: interrupted ({signal.Signals(signum).name}); every finished "
+            f"stage is kept in the cache {cfg.paths.cache_dir}: the same command resumes "
+            f"from there (this run's folder, {run_dir}, is marked failed)",
+            file=sys.stderr,
+        )
+        sys.exit(128 + int(signum))
     except USER_ERRORS as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # the traceback, or Hydra's record of a failed job in a sweep
@@ -253,6 +269,19 @@ def main(cfg: DictConfig) -> dict:
         sys.exit(2)
     _print_summary(summary, run_dir)
     return summary
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C (SIGTERM), raised where the run is, so that it ends
+    as Ctrl-C does: the run folder marked failed, W&B told, the cache consistent."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum)
 
 
 def cli() -> None:

@@ -183,6 +183,28 @@ def test_sigkill_then_same_command_resumes_exactly(built, suite_cache, tmp_path,
     _assert_same_tables(out / "run", built.baseline)
 
 
+@pytest.mark.parametrize("sig", ["INT", "TERM"])
+def test_ctrl_c_or_sigterm_ends_with_one_message_and_the_same_command_resumes(
+    built, suite_cache, tmp_path, sig
+):
+    """Ctrl-C (SIGINT) or a scheduler's SIGTERM in the middle of a unit write: one message
+    naming the cache and how to resume, exit 128 + signal, the run folder marked failed, no
+    temporary folder left; the same command then finishes with the uninterrupted tables."""
+    out = tmp_path / "out"
+    stopped = _cli(out, suite_cache, env=_env(REACT_KILL_AT=f"sweep:3:{sig}"))
+    signum = getattr(signal, f"SIG{sig}")
+    assert stopped.returncode == 128 + signum, stopped.stderr[-2000:]
+    err = stopped.stderr
+    assert f"react-merging: interrupted (SIG{sig})" in err and "Traceback" not in err, err[-2000:]
+    assert f"the cache {suite_cache}" in err and "the same command resumes" in err
+    failed = json.loads((out / "run" / "run_failed.json").read_text())
+    assert ("KeyboardInterrupt" if sig == "INT" else "SIGTERM") in failed["error"]
+    assert not (out / "run" / "results.csv").exists()
+    assert _tmp_dirs(suite_cache) == []  # the cut unit's folder went with the exception
+    _ok(_cli(out, suite_cache))
+    _assert_same_tables(out / "run", built.baseline)
+
+
 HOLD_LOCK = """
 import sys, time
 from filelock import FileLock
