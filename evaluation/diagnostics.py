@@ -255,14 +255,14 @@ def task_vector_cosines(pretrained, experts: Sequence) -> np.ndarray:
 
 
 _BLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.")
-_KINDS = (  # (group, test on a key inside a block / outside any block)
+_KINDS = (  # (group, test) for a weight inside a transformer block
     ("attention", lambda k: ".attn." in k),
     ("MLP", lambda k: ".mlp." in k),
     ("block norms", lambda k: ".ln_1." in k or ".ln_2." in k),
 )
-_OUTSIDE = {
-    "embedding": ("conv1.", "class_embedding", "positional_embedding", "ln_pre."),
-    "output": ("ln_post.", "proj"),
+_OUTSIDE = {  # group: the top-level modules (first name of the key) outside the blocks
+    "embedding": {"conv1", "class_embedding", "positional_embedding", "ln_pre"},
+    "output": {"ln_post", "proj"},
 }
 
 
@@ -285,11 +285,8 @@ def parameter_groups(keys: Sequence[str]) -> dict[str, list[str]]:
             blocks.setdefault(int(m.group(1)), []).append(k)
             kind = next((name for name, test in _KINDS if test(k)), "other")
         else:
-            base = k.split(".", 1)[0] + ("." if "." in k else "")
-            kind = next(
-                (name for name, prefixes in _OUTSIDE.items() if base in prefixes or k in prefixes),
-                "other",
-            )
+            top = k.split(".", 1)[0]
+            kind = next((name for name, mods in _OUTSIDE.items() if top in mods), "other")
         groups.setdefault(kind, []).append(k)
     order = ["embedding", "attention", "MLP", "block norms", "output", "other"]
     out = {name: groups[name] for name in order if name in groups}

@@ -240,16 +240,18 @@ def main(cfg: DictConfig) -> dict:
     for noisy in ("fontTools", "matplotlib", "PIL"):  # PDF font subsetting logs every glyph
         logging.getLogger(noisy).setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     single = hydra_cfg.mode != RunMode.MULTIRUN
-    if single and threading.current_thread() is threading.main_thread():
+    if not single:
+        lifecycle.watch_launcher()  # a joblib / submitit-local worker ends with its launcher
+    elif threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop: as Ctrl-C
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    # the traceback (asked for), or Hydra's record of a failed job in a sweep
+    reraise = os.environ.get("HYDRA_FULL_ERROR") == "1" or not single
     try:
         summary = run(cfg, run_dir)
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: run() marked the folder failed
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not single:
+        if reraise:
             raise
         signum = getattr(e, "signum", signal.SIGINT)
         print(
@@ -260,8 +262,8 @@ def main(cfg: DictConfig) -> dict:
         )
         sys.exit(128 + int(signum))
     except USER_ERRORS as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # the traceback, or Hydra's record of a failed job in a sweep
+        if reraise:
+            raise
         _remove_if_empty(run_dir)
         print(
             f"react-merging: error: {e}\n(HYDRA_FULL_ERROR=1 shows the traceback)", file=sys.stderr

@@ -214,28 +214,34 @@ def group_merges(ctx: Context, grid: list[float], zs: np.ndarray, experts_acc: n
         inside = set(members)
         rows[f"only {name}"] = members
         rows[f"all but {name}"] = [k for k in keys if k not in inside]
+    members = [set(m) for m in rows.values()]
 
-    @functools.lru_cache(maxsize=len(grid))
-    def ta(lam: float) -> dict:
-        return merging.task_arithmetic(pre, experts, scale=lam)
-
-    def state(members: list[str], lam: float) -> dict:
-        full, inside = ta(lam), set(members)
-        return {k: full[k] if k in inside else v for k, v in pre.items()}
+    def states(lam: float, which: list[int]):
+        """The merges of rows ``which`` at ``lam``, from one Task Arithmetic state."""
+        full = merging.task_arithmetic(pre, experts, scale=lam)
+        for i in which:
+            yield {k: full[k] if k in members[i] else v for k, v in pre.items()}
 
     def compute(out: Path):
-        saved = {}
-        for row, members in rows.items():
-            val = models_accuracies(ctx, (state(members, lam) for lam in grid), "groups", "val")
-            lam = grid[int(np.argmax(val.mean(axis=1)))]
-            test = models_accuracies(ctx, [state(members, lam)], "groups", "test")[0]
-            saved[row] = {
-                "weights": len(members),
-                "entries": int(sum(pre[k].numel() for k in members)),
-                "lambda": lam,
-                "val_average": val.mean(axis=1).tolist(),
-                "test": test.tolist(),
+        every = list(range(len(rows)))  # lambda outer: one full merge in memory at a time
+        val = np.stack(
+            [models_accuracies(ctx, states(lam, every), "groups", "val") for lam in grid], 1
+        )  # (rows, lambdas, tasks)
+        best = np.argmax(val.mean(axis=2), axis=1)  # the first best lambda of each row
+        test = np.full((len(rows), len(ctx.tasks)), np.nan)
+        for g in sorted(set(best.tolist())):
+            which = [i for i in every if best[i] == g]
+            test[which] = models_accuracies(ctx, states(grid[g], which), "groups", "test")
+        saved = {
+            row: {
+                "weights": len(names),
+                "entries": int(sum(pre[k].numel() for k in names)),
+                "lambda": grid[best[i]],
+                "val_average": val[i].mean(axis=1).tolist(),
+                "test": test[i].tolist(),
             }
+            for i, (row, names) in enumerate(rows.items())
+        }
         atomic_write_text(out / "groups.json", json.dumps(saved))
 
     material = {
